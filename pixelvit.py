@@ -1,0 +1,857 @@
+"""pixelvit: plain vision backbones at any patch size, down to one pixel per token.
+
+Reference implementation of "Scaling Laws in Patchification: An Image Is Worth 50,176 Tokens
+And More" (Wang et al., 2025). One file, torch only; FlashAttention and the mamba-ssm Triton
+kernels are used when they are importable and the input is on a GPU, and an exact pure-PyTorch
+path runs everywhere else.
+
+    model = create_model("adv_b", patch=1, res=224)   # 50,176 pixel tokens + CLS
+    logits = model(images)                            # [B, 1000]
+    maps = model.forward_dense(images)                # [B, 768, 224, 224]
+
+Two families, with the state-dict keys of the released code so that official weights load as is:
+  * DeiT (timm `VisionTransformer` keys, CLS token FIRST), attention mixer.
+  * Adventurer (wangf3014/Patch_Scaling `models_mamba.py` keys, CLS token LAST), Mamba-2 mixer.
+"""
+import argparse
+import functools
+import math
+import os
+import pickle
+import warnings
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "ModelConfig", "create_model", "list_models", "load_checkpoint", "backends",
+    "DeiT", "Adventurer", "DecoderFreeHead", "ssd_chunked", "ssd_recurrent",
+    "resample_pos_embed", "resample_patch_embed",
+]
+
+# ----------------------------------------------------------------------------------------------
+# Optional CUDA kernels. Imported lazily: mamba-ssm and flash-attn import only where they were
+# built against CUDA, and `import mamba_ssm` alone pulls in far more than the one op we need.
+
+# Set PIXELVIT_KERNELS=0 (or assign pixelvit.USE_KERNELS = False) to force the PyTorch path,
+# e.g. to compare kernel and fallback outputs.
+USE_KERNELS = os.environ.get("PIXELVIT_KERNELS", "1") != "0"
+
+# The mamba-ssm Triton kernels compute pointer offsets in int32 (state-spaces/mamba #1015), so
+# one call must keep batch * seqlen * in_proj width below 2**31 or it silently corrupts memory.
+INT32_LIMIT = 2**31 - 1
+
+
+@functools.cache
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+        return flash_attn_func
+    except Exception:  # not installed, or built for another torch/CUDA
+        return None
+
+
+@functools.cache
+def _mamba_fused_scan():
+    try:
+        import causal_conv1d  # noqa: F401  (the fused op calls it unconditionally)
+        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+        return mamba_split_conv1d_scan_combined
+    except Exception:
+        return None
+
+
+def backends(model=None):
+    """Which kernel path each token mixer takes.
+
+    Without a model: which optional kernels are importable and enabled. With a model: also the
+    path every mixer took in its most recent forward ("flash_attn", "sdpa", "mamba_ssm_fused",
+    "torch_chunked_ssd"), since the path depends on device and dtype at call time.
+    """
+    report = {
+        "kernels_enabled": USE_KERNELS,
+        "flash_attn": _flash_attn_func() is not None,
+        "mamba_ssm": _mamba_fused_scan() is not None,
+    }
+    if model is not None:
+        report["mixers"] = {name: m.last_path for name, m in model.named_modules()
+                            if isinstance(m, (Attention, Mamba2Mixer))}
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Mamba-2's state-space duality (SSD) layer in plain PyTorch.
+#
+# Per head h, with a scalar decay A_h < 0, a state S of shape (headdim, d_state) and step dt_t:
+#     S_t = exp(dt_t * A_h) * S_{t-1} + dt_t * x_t (outer) B_t,      y_t = S_t @ C_t
+# `ssd_recurrent` runs this literally; `ssd_chunked` computes the same thing in chunks of Q
+# tokens: inside a chunk as a masked (attention-like) matrix product, across chunks by passing
+# one state per chunk. Work is linear in length; only the chunk loop is sequential.
+
+
+def _compute_dtype(t):
+    """Decays and scans run in float32 (float64 when the model is float64, for exactness tests)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def ssd_recurrent(x, dt, A, B, C):
+    """The SSD recurrence token by token: the definition that `ssd_chunked` must reproduce.
+
+    x (b, l, h, p), dt (b, l, h) after softplus, A (h,) negative, B and C (b, l, g, n) with heads
+    split evenly over the g groups. Returns y (b, l, h, p), without the D skip connection.
+    """
+    b, l, h, p = x.shape
+    heads_per_group = h // B.shape[2]
+    B = B.repeat_interleave(heads_per_group, dim=2)  # (b, l, h, n)
+    C = C.repeat_interleave(heads_per_group, dim=2)
+    state = x.new_zeros(b, h, p, B.shape[-1])
+    ys = []
+    for t in range(l):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]                     # (b, h, 1, 1)
+        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    return torch.stack(ys, dim=1)
+
+
+def segsum(a):
+    """out[..., i, j] = a[..., j+1] + ... + a[..., i] for j <= i, and -inf above the diagonal.
+
+    Built as a cumulative sum of a masked copy rather than as cumsum[i] - cumsum[j]: over a
+    256-token chunk the cumsum reaches about -400, and the difference of two such numbers loses
+    digits in float32. The -inf is set before exp, so exp gives exact zeros and clean gradients.
+    """
+    q = a.shape[-1]
+    ones = torch.ones(q, q, dtype=torch.bool, device=a.device)
+    rows = a[..., :, None].expand(*a.shape, q)                  # rows[..., k, j] = a[k]
+    sums = rows.masked_fill(~ones.tril(-1), 0).cumsum(dim=-2)   # sum of a[k] for j < k <= i
+    return sums.masked_fill(~ones.tril(0), -torch.inf)
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size=256):
+    """Chunked SSD, same arguments and result as `ssd_recurrent`, in O(l) work and memory.
+
+    Any length works: the tail chunk is padded with dt = 0 (decay 1, no input), which leaves the
+    real outputs and the carried state untouched, and cropped afterwards.
+    """
+    dtype = _compute_dtype(x)
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    e = h // g                                   # heads per B/C group
+    q = chunk_size
+    pad = -l % q
+    c = (l + pad) // q                           # number of chunks
+
+    def chunks(t):  # (b, l, ...) -> (b, c, q, ...), zero-padded at the end
+        t = F.pad(t.to(dtype), (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.view(b, c, q, *t.shape[2:])
+
+    xdt = chunks(x * dt[..., None]).view(b, c, q, g, e, p)
+    a = chunks(dt * A).view(b, c, q, g, e).permute(0, 3, 4, 1, 2)   # (b, g, e, c, q): log-decays
+    B, C = chunks(B), chunks(C)                                    # (b, c, q, g, n)
+
+    # 1. Inside each chunk, SSD is masked attention: y_i = sum_{j<=i} (C_i.B_j) decay(j->i) xdt_j.
+    decay = torch.exp(segsum(a))                                   # (b, g, e, c, q, q)
+    scores = torch.einsum("bcign,bcjgn->bgcij", C, B)[:, :, None]  # (b, g, 1, c, q, q)
+    y = torch.einsum("bgecij,bcjgep->bcigep", scores * decay, xdt)
+
+    # 2. What each chunk adds to the state at its own end.
+    decay_to_end = decay[..., -1, :]                               # (b, g, e, c, q)
+    chunk_states = torch.einsum("bcjgn,bgecj,bcjgep->bcgepn", B, decay_to_end, xdt)
+
+    # 3. Pass the state across chunk boundaries: the only sequential step, c iterations.
+    chunk_decay = torch.exp(a.sum(-1))                             # whole-chunk decay (b, g, e, c)
+    state = xdt.new_zeros(b, g, e, p, n)
+    states_in = []
+    for k in range(c):
+        states_in.append(state)
+        state = chunk_decay[..., k, None, None] * state + chunk_states[:, k]
+    states_in = torch.stack(states_in, dim=1)                      # (b, c, g, e, p, n)
+
+    # 4. The carried-in state, decayed from the chunk start to each position, read out by C.
+    decay_from_start = torch.exp(a.cumsum(-1))                     # (b, g, e, c, q)
+    y = y + torch.einsum("bcign,bcgepn,bgeci->bcigep", C, states_in, decay_from_start)
+    return y.reshape(b, c * q, h, p)[:, :l]
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+def rms_norm(x, weight, eps, groups=1):
+    """x / rms(x) * weight in float32 (float64 for float64 input), over `groups` equal slices."""
+    dtype = _compute_dtype(x)
+    xg = x.to(dtype).unflatten(-1, (groups, -1))
+    xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+    return xg.flatten(-2) * weight.to(dtype)
+
+
+class RMSNorm(nn.Module):
+    """mamba-ssm's RMSNorm: no mean subtraction, no bias; returns the input dtype."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """Mamba-2's output norm with norm_before_gate=False: RMSNorm(y * SiLU(z)) per group."""
+
+    def __init__(self, dim, eps=1e-5, groups=1):
+        super().__init__(dim, eps)
+        self.groups = groups
+
+    def forward(self, y, z):
+        return rms_norm(y.to(_compute_dtype(y)) * F.silu(z.to(_compute_dtype(y))), self.weight,
+                        self.eps, self.groups)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class Mamba2Mixer(nn.Module):
+    """mamba-ssm 2.0.4 `Mamba2` as Adventurer configures it (same parameters, same math).
+
+    in_proj rows are [z | x | B | C | dt]; x, B and C go through a causal depthwise conv + SiLU;
+    the SSD scan mixes tokens; the output is RMSNorm(y * SiLU(z)) projected back to the model width.
+    """
+
+    def __init__(self, dim, d_state=64, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256,
+                 dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, A_init_range=(1, 16)):
+        super().__init__()
+        self.d_inner = expand * dim
+        self.d_state, self.headdim, self.ngroups, self.chunk_size = d_state, headdim, ngroups, chunk_size
+        self.nheads = self.d_inner // headdim
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(dim, self.d_inner + self.conv_dim + self.nheads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1)
+        # dt_bias is softplus^-1 of a step size drawn log-uniformly in [dt_min, dt_max].
+        dt = torch.exp(torch.rand(self.nheads) * math.log(dt_max / dt_min) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.empty(self.nheads).uniform_(*A_init_range).log())
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.norm = GatedRMSNorm(self.d_inner, eps=1e-5, groups=ngroups)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+        self.last_path = "not run yet"
+
+    def forward(self, u):  # u [b, l, dim]
+        zxbcdt = self.in_proj(u)
+        use_kernel = (USE_KERNELS and u.is_cuda and u.dtype != torch.float64
+                      and self.conv_dim % 8 == 0 and _mamba_fused_scan() is not None)
+        self.last_path = "mamba_ssm_fused" if use_kernel else "torch_chunked_ssd"
+        return self._fused(zxbcdt) if use_kernel else self._torch(zxbcdt)
+
+    def _fused(self, zxbcdt):
+        """mamba-ssm's fused conv1d + scan + gated norm + out_proj, in batch slices that stay
+        under the kernels' int32 offset limit (13 images of Adventurer-B at 224 px, patch 1)."""
+        length, width = zxbcdt.shape[1:]
+        max_batch = INT32_LIMIT // (length * width)
+        if max_batch == 0:
+            raise ValueError(f"a single sequence of {length} tokens x {width} channels exceeds the "
+                             f"mamba-ssm kernels' int32 limit; set pixelvit.USE_KERNELS = False")
+        fused = functools.partial(
+            _mamba_fused_scan(), conv1d_weight=self.conv1d.weight.squeeze(1),
+            conv1d_bias=self.conv1d.bias, dt_bias=self.dt_bias, A=-torch.exp(self.A_log.float()),
+            D=self.D, chunk_size=self.chunk_size, activation="silu",
+            rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
+            outproj_weight=self.out_proj.weight, outproj_bias=None, headdim=self.headdim,
+            ngroups=self.ngroups, norm_before_gate=False)
+        return torch.cat([fused(part) for part in zxbcdt.split(max_batch)], dim=0)
+
+    def _torch(self, zxbcdt):
+        b, l, _ = zxbcdt.shape
+        g, n, h, p = self.ngroups, self.d_state, self.nheads, self.headdim
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, h], dim=-1)
+        # Causal conv: output t sees inputs t-3..t, so keep the first l of the l+3 outputs.
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))
+        x, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        dtype = _compute_dtype(x)
+        dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))          # (b, l, h)
+        A = -torch.exp(self.A_log.to(dtype))                             # (h,)
+        x = x.view(b, l, h, p)
+        y = ssd_chunked(x, dt, A, B.view(b, l, g, n), C.view(b, l, g, n), self.chunk_size)
+        y = y + self.D.to(dtype)[:, None] * x.to(dtype)                  # skip connection
+        y = self.norm(y.reshape(b, l, self.d_inner), z)
+        return self.out_proj(y.to(zxbcdt.dtype))
+
+
+class SwiGLU(nn.Module):
+    """Adventurer's MLP: w3(SiLU(w1 x) * w2 x), all three linears with bias."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(dim, hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+def _flip_patches(t):
+    """Reverse the patch tokens of a CLS-last sequence; the CLS token stays last."""
+    return torch.cat([t[:, :-1].flip(1), t[:, -1:]], dim=1)
+
+
+class AdventurerBlock(nn.Module):
+    """RMSNorm -> (flip) -> prepend the mean token -> Mamba-2 -> drop it -> (unflip) -> residual,
+    then RMSNorm -> SwiGLU -> residual. The prepended mean ("heading average") gives the causal
+    scan a summary of the whole image at its first step; it is recomputed in every block."""
+
+    def __init__(self, dim, mixer_kwargs, mlp_hidden, drop_path=0.0, flip=False):
+        super().__init__()
+        self.flip = flip
+        self.mixer = Mamba2Mixer(dim, **mixer_kwargs)   # registration order = official key order
+        self.norm = RMSNorm(dim)
+        self.drop_path = DropPath(drop_path)              # one module, a fresh mask per call
+        self.mlp = SwiGLU(dim, mlp_hidden)
+        self.norm_mlp = RMSNorm(dim)
+
+    def forward(self, x):  # x [B, N+1, D], CLS last
+        t = self.norm(x)
+        t = _flip_patches(t) if self.flip else t
+        t = torch.cat([t.mean(dim=1, keepdim=True), t], dim=1)
+        t = self.mixer(t)[:, 1:]
+        t = _flip_patches(t) if self.flip else t
+        x = x + self.drop_path(t)
+        return x + self.drop_path(self.mlp(self.norm_mlp(x)))
+
+
+class Attention(nn.Module):
+    """Global multi-head self-attention with timm's parameter layout (qkv rows [q; k; v])."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.last_path = "not run yet"
+
+    def forward(self, x):
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads)
+        use_flash = (USE_KERNELS and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)
+                     and _flash_attn_func() is not None)
+        self.last_path = "flash_attn" if use_flash else "sdpa"
+        if use_flash:  # FlashAttention takes (b, n, heads, head_dim)
+            out = _flash_attn_func()(*qkv.unbind(2))
+        else:          # SDPA takes (b, heads, n, head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return self.proj(out.reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DeiTBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_hidden, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_hidden)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """The tokenizer: one linear map per non-overlapping p x p patch (p = 1: per pixel)."""
+
+    def __init__(self, in_chans, dim, patch):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x):  # [B, C, H, W] -> [B, D, H/p, W/p]
+        return self.proj(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations
+
+
+# Which Adventurer blocks reverse the patch order. "official" is what the released code does
+# (`flip = n // 2 == 1`, so only blocks 2 and 3) and what the released checkpoints were evaluated
+# with; the Adventurer paper describes flipping "between every two layers" ("alternate"), and
+# "pairs" is the maintainer's other suggested fix (wangf3014/Adventurer issue #6).
+FLIP_SCHEDULES = {
+    "official": lambda i: i // 2 == 1,
+    "alternate": lambda i: i % 2 == 1,
+    "pairs": lambda i: (i // 2) % 2 == 1,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str                       # "deit" or "adventurer"
+    embed_dim: int
+    depth: int
+    num_heads: int = 0              # DeiT attention heads
+    mlp_ratio: float = 4.0          # MLP hidden = int(mlp_ratio * embed_dim): 4 DeiT, 2.5 Adventurer
+    patch: int = 16
+    res: int = 224                  # the size pos_embed is laid out for; other sizes resample it
+    in_chans: int = 3
+    num_classes: int = 1000
+    drop_path: float = 0.0
+    extend: int = 1                 # Table 5 "by extending": token grid upsampled k x per axis
+    flip_schedule: str = "official"
+    d_state: int = 64               # Mamba-2 mixer (Adventurer)
+    headdim: int = 64
+    expand: int = 2
+    d_conv: int = 4
+    ngroups: int = 1
+    chunk_size: int = 256
+
+    def __post_init__(self):
+        checks = [
+            (self.arch in ("deit", "adventurer"), f"arch must be 'deit' or 'adventurer', got {self.arch!r}"),
+            (self.patch >= 1 and self.res % self.patch == 0,
+             f"the patch size must divide the resolution, got patch {self.patch} for res {self.res}"),
+            (self.extend >= 1, f"extend must be an integer >= 1, got {self.extend}"),
+            (self.flip_schedule in FLIP_SCHEDULES,
+             f"flip_schedule must be one of {sorted(FLIP_SCHEDULES)}, got {self.flip_schedule!r}"),
+            (self.arch != "deit" or (self.num_heads > 0 and self.embed_dim % self.num_heads == 0),
+             f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}"),
+            (self.arch != "adventurer" or (self.expand * self.embed_dim % self.headdim == 0
+                                           and self.expand * self.embed_dim // self.headdim % self.ngroups == 0),
+             f"expand*embed_dim ({self.expand * self.embed_dim}) must split into heads of "
+             f"headdim {self.headdim}, and the heads evenly into ngroups {self.ngroups}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def grid(self):
+        """Side of the token grid that pos_embed holds."""
+        return self.res // self.patch * self.extend
+
+
+# Table 7 of the paper. Huge: the paper's 1,280-dim, 32-block Adventurer is listed as 759 M
+# parameters, but the released block at that size has 718.03 M (at patch 16, 224 px); no Huge
+# weights were released.
+MODEL_CONFIGS = {
+    "deit_t": dict(arch="deit", embed_dim=192, depth=12, num_heads=3),
+    "deit_s": dict(arch="deit", embed_dim=384, depth=12, num_heads=6),
+    "deit_b": dict(arch="deit", embed_dim=768, depth=12, num_heads=12),
+    "deit_l": dict(arch="deit", embed_dim=1024, depth=24, num_heads=16),
+    "deit_h": dict(arch="deit", embed_dim=1280, depth=32, num_heads=16),
+    "adv_t": dict(arch="adventurer", embed_dim=256, depth=12, mlp_ratio=2.5),
+    "adv_s": dict(arch="adventurer", embed_dim=512, depth=12, mlp_ratio=2.5),
+    "adv_b": dict(arch="adventurer", embed_dim=768, depth=12, mlp_ratio=2.5),
+    "adv_l": dict(arch="adventurer", embed_dim=1024, depth=24, mlp_ratio=2.5),
+    "adv_h": dict(arch="adventurer", embed_dim=1280, depth=32, mlp_ratio=2.5),
+}
+
+# Names used by the official Adventurer / Patch_Scaling code and by timm's DeiT.
+MODEL_ALIASES = {
+    **{f"adventurer_{size}_patch{p}": dict(name=f"adv_{size[0]}", patch=p)
+       for size in ("tiny", "small", "base", "large") for p in (16, 8, 1)},
+    **{f"deit_{size}_patch16_{res}": dict(name=f"deit_{size[0]}", patch=16, res=res)
+       for size in ("tiny", "small", "base") for res in (224, 384)},
+}
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def list_models(aliases=False):
+    """The model names of the paper's Table 7 (and the accepted official/timm aliases)."""
+    return sorted(MODEL_CONFIGS) + (sorted(MODEL_ALIASES) if aliases else [])
+
+
+def create_model(name, *, patch=None, res=None, num_classes=1000, in_chans=3, drop_path=0.0,
+                 **overrides):
+    """Build a model by name at any patch size (default 16, or the one an alias names).
+
+    `overrides` sets any other `ModelConfig` field: embed_dim, depth, num_heads, mlp_ratio,
+    extend, flip_schedule, d_state, headdim, ngroups, chunk_size, ...
+    """
+    alias = MODEL_ALIASES.get(name, {})
+    base = alias.get("name", name)
+    if base not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())} "
+                         f"(or an official/timm alias: {', '.join(sorted(MODEL_ALIASES))})")
+    for key, value in (("patch", patch), ("res", res)):
+        if value is not None and key in alias and value != alias[key]:
+            raise ValueError(f"{name} is {key} {alias[key]}, but {key}={value} was asked for")
+    valid = {f.name for f in fields(ModelConfig)} - {"arch"}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    cfg = ModelConfig(**{**MODEL_CONFIGS[base], **overrides,
+                         "patch": alias.get("patch", 16) if patch is None else patch,
+                         "res": alias.get("res", 224) if res is None else res,
+                         "num_classes": num_classes, "in_chans": in_chans, "drop_path": drop_path})
+    if cfg.arch == "adventurer" and "num_heads" in overrides:
+        raise ValueError("num_heads is a DeiT option; Adventurer heads are expand*embed_dim/headdim")
+    model = (Adventurer if cfg.arch == "adventurer" else DeiT)(cfg)
+    model.name = base
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def resample_pos_embed(pos_embed, grid, cls_first):
+    """Bicubically resize the patch rows of a (1, N+1, D) table to a `grid` = (h, w) layout.
+
+    The CLS row is taken out before and put back after, at the front (DeiT) or the back
+    (Adventurer). The official `--finetune` always takes the front row, which for Adventurer
+    mixes the CLS embedding into the last patch row; this does not.
+    """
+    cls, patches = ((pos_embed[:, :1], pos_embed[:, 1:]) if cls_first
+                    else (pos_embed[:, -1:], pos_embed[:, :-1]))
+    n, d = patches.shape[1:]
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"pos_embed has {n} patch rows, which is not a square grid")
+    if (side, side) == tuple(grid):
+        return pos_embed
+    patches = patches.reshape(1, side, side, d).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=tuple(grid), mode="bicubic", align_corners=False)
+    patches = patches.flatten(2).transpose(1, 2)
+    return torch.cat([cls, patches] if cls_first else [patches, cls], dim=1)
+
+
+class PatchModel(nn.Module):
+    """What DeiT and Adventurer share: tokenizer, CLS token, position embeddings, head, the
+    classification / feature / dense interfaces, and per-block activation checkpointing.
+
+    Subclasses set `cls_first` and register `blocks` (or `layers`) and the final norm."""
+
+    cls_first: bool
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_size, self.extend, self.grid_size = cfg.patch, cfg.extend, cfg.grid
+        self.num_features = self.embed_dim = cfg.embed_dim
+        self.num_classes = cfg.num_classes
+        self.num_prefix_tokens = 1
+        self.cls_index = 0 if self.cls_first else -1
+        self.grad_checkpointing = False
+        self.pretrained_cfg = dict(
+            input_size=(cfg.in_chans, cfg.res, cfg.res), num_classes=cfg.num_classes,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic",
+            crop_pct=1.0 if cfg.patch == 1 else 0.875,  # the official patch-1 evaluation uses 1.0
+            first_conv="patch_embed.proj", classifier="head")
+
+    def _init_common(self):
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2 + 1, self.embed_dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def _depth_drop_rates(self):
+        return torch.linspace(0, self.cfg.drop_path, self.cfg.depth).tolist()
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each block in the backward pass: ~4.5x less activation memory, one extra
+        forward of compute."""
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes):
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def _tokens(self, images):
+        """Images -> [B, N+1, D] tokens with position embeddings, and the token grid (h, w)."""
+        c, p = self.cfg.in_chans, self.patch_size
+        if images.dim() != 4 or images.shape[1] != c:
+            raise ValueError(f"expected images of shape [B, {c}, H, W], got {tuple(images.shape)}")
+        if images.shape[2] % p or images.shape[3] % p:
+            raise ValueError(f"H and W must be multiples of the patch size {p}, got "
+                             f"{images.shape[2]}x{images.shape[3]}")
+        x = self.patch_embed(images)                          # [B, D, H/p, W/p]
+        if self.extend > 1:  # interpolate tokens: a longer sequence with no new information
+            x = F.interpolate(x, scale_factor=self.extend, mode="bilinear", align_corners=False)
+        grid = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)                      # [B, N, D], raster order
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x] if self.cls_first else [x, cls], dim=1)
+        return x + resample_pos_embed(self.pos_embed, grid, self.cls_first), grid
+
+    def _run_blocks(self, x, keep=()):
+        """Run the blocks; return the last output and the outputs of the block indices in keep.
+        Stops after the last block that is needed."""
+        kept = {}
+        last = max(keep) if keep else len(self.blocks) - 1
+        for i, block in enumerate(self.blocks[:last + 1]):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if i in keep:
+                kept[i] = x
+        return x, kept
+
+    def _to_map(self, tokens, grid):
+        """[B, N+1, D] tokens -> [B, D, h, w] map of the patch tokens (CLS dropped)."""
+        patches = tokens[:, 1:] if self.cls_first else tokens[:, :-1]
+        return patches.transpose(1, 2).unflatten(2, tuple(grid))
+
+    def forward_features(self, images):
+        """[B, N+1, D] tokens after the final norm, CLS first (DeiT) or last (Adventurer)."""
+        x, _ = self._tokens(images)
+        x, _ = self._run_blocks(x)
+        return self.final_norm(x)
+
+    def forward_head(self, tokens, pre_logits=False):
+        cls = tokens[:, self.cls_index]
+        return cls if pre_logits else self.head(cls)
+
+    def forward(self, images):
+        return self.forward_head(self.forward_features(images))
+
+    def forward_dense(self, images, layers=None):
+        """Dense feature maps at the token grid: [B, D, H/p, W/p] (times `extend`).
+
+        layers=None: the final-normed tokens. A list of block indices (negative ones count from
+        the end): the residual stream after each of those blocks, as a list of maps, for heads
+        that fuse several depths (UperNet, detection pyramids)."""
+        x, grid = self._tokens(images)
+        if layers is None:
+            x, _ = self._run_blocks(x)
+            return self._to_map(self.final_norm(x), grid)
+        depth = len(self.blocks)
+        if any(not -depth <= i < depth for i in layers):
+            raise ValueError(f"layers must be block indices in [-{depth}, {depth}), got {list(layers)}")
+        wanted = [i % depth for i in layers]
+        _, kept = self._run_blocks(x, keep=set(wanted))
+        return [self._to_map(kept[i], grid) for i in wanted]
+
+
+class DeiT(PatchModel):
+    """ViT / DeiT with timm `VisionTransformer` keys: [CLS, patches] + pos_embed, pre-norm
+    attention blocks, LayerNorm, head on the CLS token."""
+
+    cls_first = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.patch_embed = PatchEmbed(cfg.in_chans, cfg.embed_dim, cfg.patch)
+        self._init_common()
+        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+        self.blocks = nn.ModuleList(DeiTBlock(cfg.embed_dim, cfg.num_heads, hidden, rate)
+                                    for rate in self._depth_drop_rates())
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.reset_classifier(cfg.num_classes)
+        for m in self.blocks.modules():  # timm/DeiT init: every Linear trunc-normal(0.02), bias 0
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def final_norm(self):
+        return self.norm
+
+
+class Adventurer(PatchModel):
+    """Adventurer (Wang et al., 2024) with Patch_Scaling `models_mamba.py` keys: [patches, CLS] +
+    pos_embed, Mamba-2 + SwiGLU blocks, RMSNorm, head on the CLS token (last)."""
+
+    cls_first = False
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.patch_embed = PatchEmbed(cfg.in_chans, cfg.embed_dim, cfg.patch)
+        self._init_common()
+        self.reset_classifier(cfg.num_classes)
+        mixer_kwargs = dict(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+                            headdim=cfg.headdim, ngroups=cfg.ngroups, chunk_size=cfg.chunk_size)
+        flips = FLIP_SCHEDULES[cfg.flip_schedule]
+        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+        self.layers = nn.ModuleList(
+            AdventurerBlock(cfg.embed_dim, mixer_kwargs, hidden, rate, flip=flips(i))
+            for i, rate in enumerate(self._depth_drop_rates()))
+        self.norm_f = RMSNorm(cfg.embed_dim)
+        self._init_weights()
+
+    def _depth_drop_rates(self):
+        # The official rule is [0] + linspace(0, rate, depth), indexed by block: blocks 0 and 1
+        # get 0 and the last block a little less than `rate`. Kept so that recipes reproduce.
+        return [0.0] + super()._depth_drop_rates()[:-1]
+
+    def _init_weights(self):
+        """The official initialisation: lecun-normal tokenizer, zero Linear biases, and each
+        mixer's out_proj re-drawn and scaled by 1/sqrt(depth) (Mamba's prenorm-residual rule)."""
+        fan_in = self.cfg.in_chans * self.patch_size**2
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=math.sqrt(1 / fan_in) / 0.87962566103423978)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, Mamba2Mixer):
+                nn.init.kaiming_uniform_(m.out_proj.weight, a=math.sqrt(5))
+                with torch.no_grad():
+                    m.out_proj.weight /= math.sqrt(self.cfg.depth)
+
+    @property
+    def blocks(self):
+        return self.layers
+
+    @property
+    def final_norm(self):
+        return self.norm_f
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder-free segmentation (paper Sec. 3.2 / Table 2)
+
+
+class DecoderFreeHead(nn.Module):
+    """The paper's decoder-free segmentation head: one linear map from each dense token to the
+    class logits (a 1x1 conv on `forward_dense` output), bilinearly upsampled to the image size.
+    At patch 1 the logits are already at full resolution and the upsampling is the identity."""
+
+    def __init__(self, embed_dim, num_classes):
+        super().__init__()
+        self.proj = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
+        nn.init.normal_(self.proj.weight, std=0.01)  # mmseg's init for its final classifier
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, features, size):  # features [B, D, h, w] -> logits [B, classes, *size]
+        logits = self.proj(features)
+        if logits.shape[-2:] == tuple(size):
+            return logits
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def resample_patch_embed(weight, patch):
+    """FlexiViT's pseudo-inverse resize of a (D, C, p, p) tokenizer to (D, C, patch, patch).
+
+    With R the bilinear (antialiased) resize of a p x p patch to patch x patch, the new weights
+    solve min ||R^T w_new - w||: a resized patch gives the same token as the original patch,
+    exactly when upsampling (R injective) and in the least-squares sense when downsampling.
+    """
+    old = weight.shape[-1]
+    if old == patch:
+        return weight
+    basis = torch.eye(old * old, dtype=torch.float64).view(old * old, 1, old, old)
+    resized = F.interpolate(basis, size=(patch, patch), mode="bilinear", antialias=True,
+                            align_corners=False).view(old * old, patch * patch)  # R^T
+    flat = weight.to(torch.float64).flatten(2).transpose(1, 2)                      # (D, p*p, C)
+    new = torch.linalg.pinv(resized) @ flat                                         # (D, patch^2, C)
+    return new.transpose(1, 2).reshape(*weight.shape[:2], patch, patch).to(weight.dtype)
+
+
+def _read_checkpoint(path):
+    """torch.load with weights_only=True. argparse.Namespace (the `args` entry that the official
+    main.py pickles) is allowed: rebuilding one only sets attributes and runs no code."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} needs pickle to load objects other than tensors ({e}). Refusing to run its code. "
+            f"If you trust the file, convert it once to a plain state dict:\n"
+            f"  python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+            f"torch.save(c.get('model', c), 'weights.pth')\"") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def _state_dict_of(obj, use_ema):
+    """Find the weights in a checkpoint container and strip DDP / torch.compile prefixes."""
+    keys = (("model_ema", "state_dict_ema") if use_ema else
+            ("model", "state_dict", "model_ema", "state_dict_ema"))
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = [k for k in keys if isinstance(obj.get(k), dict)]
+        if not found:
+            raise ValueError(f"checkpoint has no weights under {list(keys)}; its keys are "
+                             f"{sorted(obj)[:10]}")
+        obj = obj[found[0]]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("expected a state dict mapping parameter names to tensors")
+    prefixes = ("module.", "_orig_mod.")
+    stripped = {}
+    for key, value in obj.items():
+        while key.startswith(prefixes):
+            key = key.split(".", 1)[1]
+        stripped[key] = value
+    return stripped
+
+
+def load_checkpoint(model, checkpoint, strict=True, use_ema=False):
+    """Load weights (a path or a state dict / checkpoint container) into a pixelvit model.
+
+    Adapts what a change of resolution, patch size or class count requires: pos_embed is
+    resampled with its CLS row kept apart, the tokenizer is PI-resized, and a head for another
+    number of classes is left at the model's own initialisation (with a warning). Any other
+    difference is an error that names the keys. Returns (missing_keys, unexpected_keys), which
+    strict=False tolerates and strict=True refuses.
+    """
+    source = checkpoint if isinstance(checkpoint, dict) else _read_checkpoint(checkpoint)
+    state = _state_dict_of(source, use_ema)
+    own = model.state_dict()
+
+    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], (model.grid_size,) * 2,
+                                                model.cls_first)
+    key = "patch_embed.proj.weight"
+    if key in state and state[key].shape[-1] != own[key].shape[-1]:
+        state[key] = resample_patch_embed(state[key], model.patch_size)
+    if "head.weight" in state and "head.weight" in own and state["head.weight"].shape != own["head.weight"].shape:
+        warnings.warn(f"checkpoint head has {state['head.weight'].shape[0]} classes, the model "
+                      f"{model.num_classes}: the head keeps its fresh initialisation")
+        state["head.weight"], state["head.bias"] = own["head.weight"], own["head.bias"]
+
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+             for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError("checkpoint does not fit this model (is it for another model size?):\n  "
+                         + "\n  ".join(wrong))
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if strict and (missing or unexpected):
+        raise KeyError(f"checkpoint keys do not match the model (strict=True).\n"
+                       f"  missing from checkpoint ({len(missing)}): {missing[:10]}\n"
+                       f"  unexpected in checkpoint ({len(unexpected)}): {unexpected[:10]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return missing, unexpected

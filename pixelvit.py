@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "ModelConfig", "create_model", "list_models", "load_checkpoint", "backends",
     "DeiT", "Adventurer", "DecoderFreeHead", "ssd_chunked", "ssd_recurrent",
-    "resample_pos_embed", "resample_patch_embed",
+    "resample_pos_embed", "resample_patch_embed", "kernel_batch_limit",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -43,6 +43,17 @@ USE_KERNELS = os.environ.get("PIXELVIT_KERNELS", "1") != "0"
 # The mamba-ssm Triton kernels compute pointer offsets in int32 (state-spaces/mamba #1015), so
 # one call must keep batch * seqlen * in_proj width below 2**31 or it silently corrupts memory.
 INT32_LIMIT = 2**31 - 1
+
+
+# The chunk length of the PyTorch SSD path. Any length gives the same result up to rounding;
+# it trades the sequential chunk loop against (chunk x chunk) decay matrices. 128 was fastest for
+# forward+backward on CPU and holds half the memory of the kernels' 256.
+TORCH_SSD_CHUNK = 128
+
+
+def kernel_batch_limit(seqlen, width):
+    """Most sequences one mamba-ssm kernel call may take: 13 for Adventurer-B at 224 px, patch 1."""
+    return INT32_LIMIT // (seqlen * width)
 
 
 @functools.cache
@@ -119,15 +130,15 @@ def ssd_recurrent(x, dt, A, B, C):
 def segsum(a):
     """out[..., i, j] = a[..., j+1] + ... + a[..., i] for j <= i, and -inf above the diagonal.
 
-    Built as a cumulative sum of a masked copy rather than as cumsum[i] - cumsum[j]: over a
-    256-token chunk the cumsum reaches about -400, and the difference of two such numbers loses
-    digits in float32. The -inf is set before exp, so exp gives exact zeros and clean gradients.
+    Taken as differences of one cumulative sum, in float64: over a 256-token chunk the sum
+    reaches about -400, where float32 would keep only a few digits of the difference of two
+    such numbers. The -inf is set before exp, so exp gives exact zeros and clean gradients
+    (never exp(x_i) / exp(x_j), which is 0/0 in float32 once the sums pass -104).
     """
     q = a.shape[-1]
-    ones = torch.ones(q, q, dtype=torch.bool, device=a.device)
-    rows = a[..., :, None].expand(*a.shape, q)                  # rows[..., k, j] = a[k]
-    sums = rows.masked_fill(~ones.tril(-1), 0).cumsum(dim=-2)   # sum of a[k] for j < k <= i
-    return sums.masked_fill(~ones.tril(0), -torch.inf)
+    cs = a.to(torch.float64).cumsum(dim=-1)
+    out = (cs[..., :, None] - cs[..., None, :]).to(a.dtype)
+    return out.masked_fill(~torch.ones(q, q, dtype=torch.bool, device=a.device).tril(), -torch.inf)
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size=256):
@@ -137,43 +148,43 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256):
     real outputs and the carried state untouched, and cropped afterwards.
     """
     dtype = _compute_dtype(x)
+    x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
     b, l, h, p = x.shape
-    g, n = B.shape[-2:]
-    e = h // g                                   # heads per B/C group
+    g = B.shape[2]
     q = chunk_size
     pad = -l % q
-    c = (l + pad) // q                           # number of chunks
+    c = (l + pad) // q                                      # number of chunks
 
-    def chunks(t):  # (b, l, ...) -> (b, c, q, ...), zero-padded at the end
-        t = F.pad(t.to(dtype), (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.view(b, c, q, *t.shape[2:])
+    def to_chunks(t):
+        """(b, l, heads, ...) -> (b, g, heads/g, c, q, ...): each B/C group with its heads."""
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).view(b, c, q, g, -1, *t.shape[3:])
+        return t.permute(0, 3, 4, 1, 2, *range(5, t.dim())).contiguous()
 
-    xdt = chunks(x * dt[..., None]).view(b, c, q, g, e, p)
-    a = chunks(dt * A).view(b, c, q, g, e).permute(0, 3, 4, 1, 2)   # (b, g, e, c, q): log-decays
-    B, C = chunks(B), chunks(C)                                    # (b, c, q, g, n)
+    xdt = to_chunks(x * dt[..., None])                      # (b, g, e, c, q, p)
+    a = to_chunks(dt * A)                                   # (b, g, e, c, q): log-decay per step
+    B, C = to_chunks(B), to_chunks(C)                       # (b, g, 1, c, q, n)
 
     # 1. Inside each chunk, SSD is masked attention: y_i = sum_{j<=i} (C_i.B_j) decay(j->i) xdt_j.
-    decay = torch.exp(segsum(a))                                   # (b, g, e, c, q, q)
-    scores = torch.einsum("bcign,bcjgn->bgcij", C, B)[:, :, None]  # (b, g, 1, c, q, q)
-    y = torch.einsum("bgecij,bcjgep->bcigep", scores * decay, xdt)
+    decay = torch.exp(segsum(a))                            # (b, g, e, c, q, q)
+    y = (C @ B.transpose(-1, -2) * decay) @ xdt             # (b, g, e, c, q, p)
 
     # 2. What each chunk adds to the state at its own end.
-    decay_to_end = decay[..., -1, :]                               # (b, g, e, c, q)
-    chunk_states = torch.einsum("bcjgn,bgecj,bcjgep->bcgepn", B, decay_to_end, xdt)
+    decay_to_end = decay[..., -1, :, None]                  # (b, g, e, c, q, 1)
+    chunk_states = (xdt * decay_to_end).transpose(-1, -2) @ B   # (b, g, e, c, p, n)
 
     # 3. Pass the state across chunk boundaries: the only sequential step, c iterations.
-    chunk_decay = torch.exp(a.sum(-1))                             # whole-chunk decay (b, g, e, c)
-    state = xdt.new_zeros(b, g, e, p, n)
+    chunk_decay = torch.exp(a.sum(-1))[..., None, None]     # (b, g, e, c, 1, 1)
+    state = torch.zeros_like(chunk_states[:, :, :, 0])
     states_in = []
     for k in range(c):
         states_in.append(state)
-        state = chunk_decay[..., k, None, None] * state + chunk_states[:, k]
-    states_in = torch.stack(states_in, dim=1)                      # (b, c, g, e, p, n)
+        state = chunk_decay[:, :, :, k] * state + chunk_states[:, :, :, k]
+    states_in = torch.stack(states_in, dim=3)               # (b, g, e, c, p, n)
 
-    # 4. The carried-in state, decayed from the chunk start to each position, read out by C.
-    decay_from_start = torch.exp(a.cumsum(-1))                     # (b, g, e, c, q)
-    y = y + torch.einsum("bcign,bcgepn,bgeci->bcigep", C, states_in, decay_from_start)
-    return y.reshape(b, c * q, h, p)[:, :l]
+    # 4. The carried-in state, read out by C and decayed from the chunk start to each position.
+    decay_from_start = torch.exp(a.cumsum(-1))[..., None]   # (b, g, e, c, q, 1)
+    y = y + (C @ states_in.transpose(-1, -2)) * decay_from_start
+    return y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * q, h, p)[:, :l]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +278,7 @@ class Mamba2Mixer(nn.Module):
         """mamba-ssm's fused conv1d + scan + gated norm + out_proj, in batch slices that stay
         under the kernels' int32 offset limit (13 images of Adventurer-B at 224 px, patch 1)."""
         length, width = zxbcdt.shape[1:]
-        max_batch = INT32_LIMIT // (length * width)
+        max_batch = kernel_batch_limit(length, width)
         if max_batch == 0:
             raise ValueError(f"a single sequence of {length} tokens x {width} channels exceeds the "
                              f"mamba-ssm kernels' int32 limit; set pixelvit.USE_KERNELS = False")
@@ -291,7 +302,8 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))          # (b, l, h)
         A = -torch.exp(self.A_log.to(dtype))                             # (h,)
         x = x.view(b, l, h, p)
-        y = ssd_chunked(x, dt, A, B.view(b, l, g, n), C.view(b, l, g, n), self.chunk_size)
+        y = ssd_chunked(x, dt, A, B.view(b, l, g, n), C.view(b, l, g, n),
+                        min(self.chunk_size, TORCH_SSD_CHUNK))
         y = y + self.D.to(dtype)[:, None] * x.to(dtype)                  # skip connection
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y.to(zxbcdt.dtype))
@@ -577,7 +589,9 @@ class PatchModel(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def _depth_drop_rates(self):
-        return torch.linspace(0, self.cfg.drop_path, self.cfg.depth).tolist()
+        """Stochastic depth rising linearly from 0 at the first block to drop_path at the last."""
+        depth = self.cfg.depth
+        return [self.cfg.drop_path * i / max(depth - 1, 1) for i in range(depth)]
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -837,7 +851,9 @@ def load_checkpoint(model, checkpoint, strict=True, use_ema=False):
     key = "patch_embed.proj.weight"
     if key in state and state[key].shape[-1] != own[key].shape[-1]:
         state[key] = resample_patch_embed(state[key], model.patch_size)
-    if "head.weight" in state and "head.weight" in own and state["head.weight"].shape != own["head.weight"].shape:
+    head, own_head = state.get("head.weight"), own.get("head.weight")
+    if (head is not None and own_head is not None and head.shape[1:] == own_head.shape[1:]
+            and head.shape[0] != own_head.shape[0]):  # another class count, same width
         warnings.warn(f"checkpoint head has {state['head.weight'].shape[0]} classes, the model "
                       f"{model.num_classes}: the head keeps its fresh initialisation")
         state["head.weight"], state["head.bias"] = own["head.weight"], own["head.bias"]

@@ -1,0 +1,87 @@
+"""The chunked SSD fallback against the token-by-token recurrence and the quadratic (dual) form."""
+import pytest
+import torch
+
+import pixelvit as pv
+from reference import ssd_quadratic
+
+
+def random_ssd_inputs(b, l, h, p, g, n, dtype=torch.float64, dt_range=(1e-3, 0.1), seed=0):
+    """Inputs in the ranges Adventurer's init produces: A in [-16, -1], dt in [1e-3, 0.1]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, l, h, p, generator=gen, dtype=dtype)
+    lo, hi = dt_range
+    dt = lo + (hi - lo) * torch.rand(b, l, h, generator=gen, dtype=dtype)
+    A = -(1 + 15 * torch.rand(h, generator=gen, dtype=dtype))
+    B = torch.randn(b, l, g, n, generator=gen, dtype=dtype)
+    C = torch.randn(b, l, g, n, generator=gen, dtype=dtype)
+    return x, dt, A, B, C
+
+
+@pytest.mark.parametrize("chunk,length", [(1, 9), (7, 7), (7, 50), (256, 300), (256, 600), (256, 100)])
+def test_chunked_matches_recurrence_float64(chunk, length):
+    inputs = random_ssd_inputs(2, length, 4, 8, 1, 16)
+    expected = pv.ssd_recurrent(*inputs)
+    assert torch.allclose(pv.ssd_chunked(*inputs, chunk_size=chunk), expected, rtol=0, atol=1e-12)
+
+
+def test_recurrence_matches_quadratic_form():
+    inputs = random_ssd_inputs(2, 40, 4, 8, 1, 16, dt_range=(0.01, 0.5))
+    assert torch.allclose(pv.ssd_recurrent(*inputs), ssd_quadratic(*inputs), rtol=0, atol=1e-12)
+
+
+def test_groups_broadcast_to_their_heads():
+    # 6 heads, 3 groups: heads 0-1 read group 0, 2-3 group 1, 4-5 group 2 (mamba-ssm's layout).
+    inputs = random_ssd_inputs(1, 45, 6, 4, 3, 8)
+    expected = ssd_quadratic(*inputs)
+    assert torch.allclose(pv.ssd_chunked(*inputs, chunk_size=16), expected, atol=1e-12)
+    x, dt, A, B, C = inputs
+    B2 = B.clone()
+    B2[:, :, 1] += 1.0  # only heads 2 and 3 may change
+    changed = (pv.ssd_chunked(x, dt, A, B2, C, 16) - pv.ssd_chunked(x, dt, A, B, C, 16)).abs().amax((0, 1, 3))
+    assert changed[[2, 3]].min() > 1e-3 and changed[[0, 1, 4, 5]].max() == 0
+
+
+def test_causal():
+    x, dt, A, B, C = random_ssd_inputs(1, 70, 2, 4, 1, 8)
+    y = pv.ssd_chunked(x, dt, A, B, C, 16)
+    t = 33
+    for tensor in (x, dt, B, C):
+        tensor[:, t] += 1.0
+    y2 = pv.ssd_chunked(x, dt, A, B, C, 16)
+    assert torch.equal(y[:, :t], y2[:, :t])
+    assert (y[:, t:] - y2[:, t:]).abs().max() > 1e-3
+
+
+def test_float32_long_chunks_with_strong_decay_stay_finite_and_accurate():
+    # dt*A down to -1.6 per step: a 256-token chunk accumulates ~-400 of log-decay, where
+    # exp(cs_i)/exp(cs_j) would be 0/0. Forward and backward must stay finite and accurate.
+    x, dt, A, B, C = random_ssd_inputs(1, 700, 2, 8, 1, 16, dtype=torch.float32, dt_range=(0.05, 0.1))
+    expected = pv.ssd_recurrent(*(t.double() for t in (x, dt, A, B, C)))
+    x.requires_grad_(True)
+    dt.requires_grad_(True)
+    y = pv.ssd_chunked(x, dt, A, B, C, 256)
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(dt.grad).all()
+    assert (y.double() - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+def test_bfloat16_input_is_computed_in_float32():
+    inputs = random_ssd_inputs(1, 60, 2, 4, 1, 8, dtype=torch.float32)
+    low = [t.bfloat16() for t in inputs]
+    y = pv.ssd_chunked(*low, chunk_size=16)
+    assert y.dtype == torch.float32
+    assert torch.allclose(y, pv.ssd_chunked(*(t.float() for t in low), chunk_size=16))
+
+
+def test_mixer_is_causal_and_matches_float64():
+    torch.manual_seed(0)
+    mixer = pv.Mamba2Mixer(32, d_state=8, headdim=16, chunk_size=8).double()
+    u = torch.randn(2, 29, 32, dtype=torch.float64)
+    y = mixer(u)
+    u2 = u.clone()
+    u2[:, 17] += 1.0
+    y2 = mixer(u2)
+    assert torch.equal(y[:, :17], y2[:, :17])
+    assert (y[:, 17:] - y2[:, 17:]).abs().max() > 1e-6
+    assert mixer.last_path == "torch_chunked_ssd"

@@ -19,7 +19,7 @@ import math
 import os
 import pickle
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -144,16 +144,17 @@ def segsum(a):
 def ssd_chunked(x, dt, A, B, C, chunk_size=256):
     """Chunked SSD, same arguments and result as `ssd_recurrent`, in O(l) work and memory.
 
-    Any length works: the tail chunk is padded with dt = 0 (decay 1, no input), which leaves the
-    real outputs and the carried state untouched, and cropped afterwards.
+    The sequence is cut into the fewest chunks of at most `chunk_size` tokens, all of one length.
+    Any length works: the end is padded with dt = 0 (decay 1, no input), which leaves the real
+    outputs and the carried state untouched, and cropped afterwards.
     """
     dtype = _compute_dtype(x)
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
     b, l, h, p = x.shape
     g = B.shape[2]
-    q = chunk_size
-    pad = -l % q
-    c = (l + pad) // q                                      # number of chunks
+    c = -(-l // chunk_size)                                 # number of chunks
+    q = -(-l // c)                                          # balanced length <= chunk_size, so
+    pad = c * q - l                                         # fewer than c tokens are padding
 
     def to_chunks(t):
         """(b, l, heads, ...) -> (b, g, heads/g, c, q, ...): each B/C group with its heads."""
@@ -871,3 +872,20 @@ def load_checkpoint(model, checkpoint, strict=True, use_ema=False):
                        f"  unexpected in checkpoint ({len(unexpected)}): {unexpected[:10]}")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return missing, unexpected
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Build a model and run one forward pass.")
+    parser.add_argument("model", nargs="?", default="adv_t", help=f"one of {list_models()} or an alias")
+    parser.add_argument("--patch", type=int, default=None)
+    parser.add_argument("--res", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=2)
+    args = parser.parse_args()
+    model = create_model(args.model, patch=args.patch, res=args.res).eval()
+    images = torch.randn(args.batch, model.cfg.in_chans, model.cfg.res, model.cfg.res)
+    with torch.no_grad():
+        logits, dense = model(images), model.forward_dense(images)
+    print(f"{args.model}: patch {model.patch_size} at {model.cfg.res} px -> {model.grid_size ** 2:,} tokens + CLS, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters\n"
+          f"logits {tuple(logits.shape)}, dense features {tuple(dense.shape)}, "
+          f"mixers: {sorted(set(backends(model)['mixers'].values()))}")

@@ -379,3 +379,5 @@ def test_bad_input_errors():
         pv.create_model("adv_t", num_heads=4)
     with pytest.raises(ValueError, match="divisible by num_heads"):
         pv.create_model("deit_t", embed_dim=100, num_heads=3)
+    with pytest.raises(ValueError, match="extend must be an integer"):
+        pv.create_model("deit_t", extend=1.5)

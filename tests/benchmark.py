@@ -1,13 +1,13 @@
 """Speed and memory of pixelvit, printed as tables (a benchmark, not a test).
 
-    python tests/benchmark.py                      # CPU: 64 px, batch 2
-    python tests/benchmark.py --res 224 --batch 8  # GPU: the paper's setting
+    python tests/benchmark.py                             # CPU: 64 px, batch 2
+    python tests/benchmark.py --res 224 --batch 8 --amp   # GPU: the paper's setting
 
 1. The chunked SSD fallback against the token-by-token recurrence at 4,096 tokens.
-2. Forward+backward images/s and activation memory of adv_t and deit_t at every patch size.
-   Memory on a GPU is the allocator's peak minus what was allocated before the step; on CPU it is
-   the bytes that autograd saves for the backward pass (parameters excluded), which is what grows
-   with the number of tokens.
+2. `train.py --benchmark` for adv_t and deit_t at every patch size: training images/s and memory
+   per image. Memory on a GPU is the allocator's peak minus what was allocated before the step; on
+   CPU it is the bytes that autograd saves for the backward pass (parameters excluded), which is
+   what grows with the number of tokens.
 """
 import argparse
 import json
@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pixelvit as pv  # noqa: E402
+import train  # noqa: E402
 
 
 def synchronize(device):
@@ -45,22 +46,6 @@ def timed(fns, device, warmup, iters):
     return best
 
 
-def saved_activation_bytes(step, parameters):
-    """Bytes of the distinct tensors autograd keeps for backward during `step()`."""
-    param_storages = {p.untyped_storage().data_ptr() for p in parameters}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_storages:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(storages.values())
-
-
 def bench_ssd(device, length=4096, heads=8, headdim=64, d_state=64, chunk=pv.TORCH_SSD_CHUNK):
     """Chunked SSD vs the recurrence, forward and forward+backward, Adventurer-T mixer sizes."""
     torch.manual_seed(0)
@@ -78,35 +63,6 @@ def bench_ssd(device, length=4096, heads=8, headdim=64, d_state=64, chunk=pv.TOR
             dict(ssd="speed-up", tokens=length, fwd_ms=fwd[1] / fwd[0], fwd_bwd_ms=both[1] / both[0])]
 
 
-def bench_model(name, patch, args, device):
-    torch.manual_seed(0)
-    model = pv.create_model(name, patch=patch, res=args.res).to(device).train()
-    model.set_grad_checkpointing(args.grad_ckpt)
-    images = torch.randn(args.batch, 3, args.res, args.res, device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-
-    def step():
-        with amp:
-            loss = model(images).float().logsumexp(-1).mean()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    (seconds,) = timed([step], device, args.warmup, args.iters)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        memory = torch.cuda.max_memory_allocated() - before
-    else:
-        memory = saved_activation_bytes(lambda: model(images).sum().backward(), list(model.parameters()))
-        model.zero_grad(set_to_none=True)
-    tokens = (args.res // patch) ** 2
-    return dict(model=name, patch=patch, res=args.res, tokens=tokens, batch=args.batch,
-                images_per_s=args.batch / seconds, memory_mb_per_image=memory / args.batch / 2**20,
-                kb_per_token=memory / args.batch / tokens / 1024,
-                backends=sorted(set(pv.backends(model)["mixers"].values())))
-
-
 def print_table(rows, columns):
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
@@ -122,8 +78,7 @@ def main():
     parser.add_argument("--patches", nargs="+", type=int, default=[16, 8, 4, 2, 1])
     parser.add_argument("--res", type=int, default=None, help="default: 224 on GPU, 64 on CPU")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per model (after 3 warm-up steps)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--grad-ckpt", action="store_true")
     parser.add_argument("--skip-ssd", action="store_true")
@@ -142,12 +97,15 @@ def main():
     results["models"] = []
     for model_name in args.models:
         for patch in args.patches:
-            row = bench_model(model_name, patch, args, device)
+            flags = ["--benchmark", "--model", model_name, "--patch", str(patch), "--res", str(args.res),
+                     "--batch-size", str(args.batch), "--benchmark-steps", str(args.steps),
+                     "--amp", "bf16" if args.amp else "off"] + (["--grad-ckpt"] if args.grad_ckpt else [])
+            row = train.main(flags)
+            row["kb_per_token"] = row["memory_mb_per_image"] * 1024 / row["tokens"]
             results["models"].append(row)
-            print(json.dumps(row), flush=True)
     print()
     print_table(results["models"], ["model", "patch", "tokens", "images_per_s", "memory_mb_per_image",
-                                     "kb_per_token", "backends"])
+                                     "kb_per_token", "tflops", "backends"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -1,0 +1,246 @@
+"""train.py: recipes against the paper, distributed runs, exact resume, bad data, the benchmark."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pixelvit as pv
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = json.load(open(os.path.join(ROOT, "notebooks", "paper_tables.json")))
+TINY = ["--model", "adv_t", "--embed-dim", "32", "--depth", "2", "--d-state", "16", "--patch", "4",
+        "--res", "16", "--workers", "0", "--recipe", "demo", "--warmup-epochs", "1"]
+
+
+# --- recipes --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage,table,column,model", [
+    ("pretrain", "table8", "Tiny/Small/Base", "adv_b"), ("pretrain", "table8", "Large/Huge", "adv_l"),
+    ("intermediate", "table10", "Small/Base", "adv_b"), ("intermediate", "table10", "Large", "adv_l"),
+    ("finetune", "table9", "Small/Base", "adv_b"), ("finetune", "table9", "Large", "adv_l")])
+def test_adventurer_recipes_equal_the_paper(stage, table, column, model):
+    paper, ours = PAPER[table], train.recipe(stage, model)
+    assert ours["lr"] == paper["base_learning_rate"][column]
+    assert ours["weight_decay"] == paper["weight_decay"][column]
+    assert ours["epochs"] == paper["epochs"][column]
+    assert list(ours["opt_betas"]) == paper["optimizer_betas"][column]
+    assert ours["batch_size"] == paper["batch_size"][column]
+    assert ours["warmup_epochs"] == paper["warmup_epochs"][column]
+    depth = paper["stochastic_depth"][column]
+    assert ours["drop_path"] == (depth["Base"] if isinstance(depth, dict) else depth)
+    if paper["layer_wise_lr_decay"] is not None:
+        assert ours["layer_decay"] == paper["layer_wise_lr_decay"]
+    if isinstance(paper.get("rand_augmentation"), str):
+        assert ours["aa"] == paper["rand_augmentation"] and not ours["three_augment"]
+    if isinstance(paper.get("label_smoothing"), float):
+        assert ours["smoothing"] == paper["label_smoothing"]
+    # the resolutions of the three stages (Tables 8-10 captions, appendix A)
+    assert ours["res"] == {"pretrain": 128, "intermediate": 224, "finetune": 224}[stage]
+
+
+def test_small_uses_its_own_drop_path():
+    assert train.recipe("intermediate", "adv_s")["drop_path"] == PAPER["table10"]["stochastic_depth"]["Small/Base"]["Small"]
+    assert train.recipe("finetune", "adv_s")["drop_path"] == PAPER["table9"]["stochastic_depth"]["Small/Base"]["Small"]
+
+
+def test_deit_recipe_equals_the_paper_text():
+    text, ours = PAPER["text_numbers"]["vit_imagenet_recipe_sec4_1"], train.recipe("deit", "deit_b")
+    assert (ours["epochs"], ours["batch_size"], ours["weight_decay"]) == (text["epochs"], text["batch_size"],
+                                                                          text["weight_decay"])
+    assert ours["lr"] * ours["batch_size"] / 512 == text["learning_rate"]  # scaled as the official code does
+
+
+def test_flags_override_the_recipe():
+    args = train.parse_args(["--stage", "finetune", "--model", "adv_b", "--data-path", "x", "--lr", "3e-5",
+                             "--no-repeated-aug", "--aa", "none"])
+    assert (args.lr, args.repeated_aug, args.aa, args.weight_decay, args.res) == (3e-5, False, None, 0.1, 224)
+
+
+def test_lr_schedule_by_hand():
+    args = train.parse_args(TINY + ["--epochs", "10", "--lr", "1e-3", "--min-lr", "1e-5", "--warmup-lr", "1e-6"])
+    args.steps_per_epoch, args.peak_lr = 100, 1e-3
+    assert train.lr_at(0, args) == pytest.approx(1e-6)
+    assert train.lr_at(50, args) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))   # half-way through warm-up
+    assert train.lr_at(100, args) == pytest.approx(1e-3)                           # peak after 1 epoch
+    assert train.lr_at(550, args) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))   # cosine mid-point
+    assert train.lr_at(1000, args) == pytest.approx(1e-5)
+
+
+def test_param_groups_follow_the_official_rule():
+    model = pv.create_model("adv_t", depth=4, embed_dim=32, d_state=16)
+    groups = train.param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    where = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    # layer 0 = tokenizer, cls, pos; block i = i + 1; head/final norm = depth + 1 = 5
+    assert where[id(named["patch_embed.proj.weight"])]["lr_scale"] == 0.5 ** 5
+    assert where[id(named["layers.2.mixer.in_proj.weight"])]["lr_scale"] == 0.5 ** 2
+    assert where[id(named["head.weight"])]["lr_scale"] == 1.0
+    for name in ("pos_embed", "cls_token", "layers.0.mixer.A_log", "layers.0.mixer.dt_bias", "norm_f.weight",
+                 "layers.1.mlp.w1.bias"):
+        assert where[id(named[name])]["weight_decay"] == 0.0, name
+    for name in ("layers.0.mixer.conv1d.weight", "layers.0.mlp.w3.weight", "head.weight", "patch_embed.proj.weight"):
+        assert where[id(named[name])]["weight_decay"] == 0.05, name  # conv1d.weight (3-D) is decayed
+
+
+# --- FLOPs and the benchmark ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,patch,expected", [  # ../shared PERFORMANCE.md section 1, derived by hand
+    ("adv_b", 16, 41.0e9), ("adv_b", 4, 654e9), ("adv_b", 1, 10.47e12),
+    ("deit_b", 16, 35.1e9), ("deit_b", 4, 896e9), ("deit_b", 1, 101.3e12)])
+def test_analytic_flops_match_the_hand_derivation(name, patch, expected):
+    with torch.device("meta"):
+        model = pv.create_model(name, patch=patch)
+    assert train.forward_flops(model, 224) == pytest.approx(expected, rel=0.01)
+
+
+def test_analytic_flops_match_torch_flop_counter_for_deit():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model = pv.create_model("deit_t", patch=4, res=32, depth=2).eval()
+    # the counter sees attention only as the math backend's two matmuls, not as CPU's fused kernel
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(torch.randn(1, 3, 32, 32))
+    assert train.forward_flops(model, 32) == pytest.approx(counter.get_total_flops(), rel=1e-6)
+
+
+def test_benchmark_prints_one_json_line(capsys):
+    train.main(TINY + ["--benchmark", "--batch-size", "2", "--benchmark-steps", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert (result["model"], result["patch"], result["res"], result["tokens"], result["batch"]) == ("adv_t", 4, 16, 16, 2)
+    assert result["images_per_s"] > 0 and result["tflops"] > 0 and result["memory_mb_per_image"] > 0
+    assert result["backends"] == ["torch_chunked_ssd"] and result["flops_count"] == "analytic"
+
+
+# --- runs on a tiny image folder ---------------------------------------------------------------
+
+def write_image_folder(root, per_class=(12, 5), classes=3, corrupt=False):
+    """ImageNet-style train/ and val/ folders of real images: scikit-learn's 8x8 digits as 16x16 PNGs."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for split, count in zip(("train", "val"), per_class):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class_{c}")
+            os.makedirs(folder, exist_ok=True)
+            images = digits.images[digits.target == c][(0 if split == "train" else 50):][:count]
+            for i, img in enumerate(images):
+                Image.fromarray((img * 255 / 16).astype(np.uint8)).resize((16, 16)).save(f"{folder}/{i}.png")
+    if corrupt:  # one file that is not an image, one that is cut short, in each split
+        for split in ("train", "val"):
+            with open(os.path.join(root, split, "class_0", "garbage.png"), "wb") as f:
+                f.write(b"not an image at all")
+            good = open(os.path.join(root, split, "class_1", "0.png"), "rb").read()
+            with open(os.path.join(root, split, "class_1", "truncated.png"), "wb") as f:
+                f.write(good[: len(good) // 2])
+    return str(root)
+
+
+def run(args, cwd, nproc=1, timeout=300, check=True):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd + [os.path.join(ROOT, "train.py")] + args, cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def final_weights(output):
+    return torch.load(os.path.join(output, "checkpoint.pth"), weights_only=True)["model"]
+
+
+def test_two_process_run_counts_every_validation_image_once(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=(12, 5))   # 15 val images: 8 + 7 over 2 ranks
+    out = str(tmp_path / "ddp")
+    run(TINY + ["--data-path", data, "--output", out, "--epochs", "2", "--batch-size", "8"], tmp_path, nproc=2)
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert [entry["epoch"] for entry in log] == [0, 1] and results["val_images"] == 15
+    assert results["args"]["world"] == 2 and results["args"]["micro_batch"] == 4
+    # one process evaluating the same weights gets the same numbers
+    run(TINY + ["--data-path", data, "--output", str(tmp_path / "eval"), "--eval", "--resume",
+                os.path.join(out, "checkpoint.pth")], tmp_path)
+    single = json.load(open(tmp_path / "eval" / "results.json"))
+    assert single["val_images"] == 15
+    assert single["top1"] == pytest.approx(results["top1"]) and single["val_loss"] == pytest.approx(results["val_loss"])
+
+
+def test_resume_after_a_kill_is_bit_exact(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=(16, 3))
+    common = TINY + ["--data-path", data, "--epochs", "3", "--batch-size", "4", "--save-every", "2",
+                     "--mixup", "0.8", "--drop-path", "0.2"]
+    run(common + ["--output", str(tmp_path / "straight")], tmp_path)
+
+    killed = str(tmp_path / "killed")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + common + ["--output", killed],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt, deadline = os.path.join(killed, "checkpoint.pth"), time.time() + 120
+    while time.time() < deadline:  # kill as soon as a checkpoint from inside epoch 1 exists
+        if os.path.exists(ckpt) and torch.load(ckpt, weights_only=True)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(ckpt, weights_only=True)
+    assert (state["epoch"], state["step"]) != (3, 0), "the run finished before it could be killed"
+    run(common + ["--output", killed], tmp_path)  # resumes automatically from OUTPUT/checkpoint.pth
+
+    a, b = final_weights(str(tmp_path / "straight")), final_weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line)["epoch"] for line in open(os.path.join(killed, "log.jsonl"))]
+    assert log == [0, 1, 2]
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=(8, 4), corrupt=True)
+    out = str(tmp_path / "run")
+    proc = run(TINY + ["--data-path", data, "--output", out, "--epochs", "1", "--batch-size", "4",
+                       "--no-repeated-aug"], tmp_path)
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["val_images"] == 12 and results["val_skipped"] == 2
+    assert results["train_skipped"] >= 1 and proc.stderr.count("UserWarning: skipping unreadable images") == 1
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=(8, 2))
+    out = str(tmp_path / "run")
+    run(TINY + ["--data-path", data, "--output", out, "--epochs", "1", "--batch-size", "4"], tmp_path)
+    before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
+    proc = run(TINY + ["--data-path", data, "--output", out, "--epochs", "2", "--batch-size", "4", "--lr", "1e30",
+                       "--warmup-epochs", "0", "--log-every", "1"], tmp_path, check=False)
+    assert proc.returncode != 0 and "loss is nan" in proc.stderr.lower() and "checkpoint" in proc.stderr
+    assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
+
+
+def test_bad_data_path_and_checkpoint(tmp_path):
+    proc = run(TINY + ["--data-path", str(tmp_path / "nowhere")], tmp_path, check=False)
+    assert proc.returncode != 0 and "train/<class>" in proc.stderr
+    proc = run(TINY + ["--data-path", "x", "--patch", "3"], tmp_path, check=False)
+    assert proc.returncode != 0 and "multiple of --patch 3" in proc.stderr
+    data = write_image_folder(tmp_path / "data", per_class=(4, 2))
+    deit = str(tmp_path / "deit.pth")
+    torch.save(pv.create_model("deit_t", depth=2, embed_dim=32, num_heads=2).state_dict(), deit)
+    proc = run(TINY + ["--data-path", data, "--finetune", deit, "--output", str(tmp_path / "o"), "--batch-size", "4"],
+               tmp_path, check=False)
+    assert proc.returncode != 0 and "layers.0.mixer.in_proj.weight" in proc.stderr
+
+
+def test_three_augment_and_seeded_samples():
+    from torchvision import transforms
+    ds = train.Images(train.DigitsDataset(True), train.ThreeAugment(16, 0.5, 0.5), seed=1)
+    a, b, c = ds[(0, 5)], ds[(0, 5)], ds[(1, 5)]  # same draw: same augmentation; another draw: another
+    assert a[2] == 0  # no unreadable image passed over
+    assert a[0].shape == (3, 16, 16) and torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    assert isinstance(ds.transform.one_of[0], transforms.Grayscale)
+    assert len(train.DigitsDataset(True)) == 1437 and len(train.DigitsDataset(False)) == 360

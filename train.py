@@ -759,6 +759,8 @@ def main(argv=None):
     latest = os.path.join(args.output, "checkpoint.pth")
     resume = args.resume or (latest if os.path.exists(latest) and not args.no_resume else None)
     start_epoch, start_step, best = 0, 0, 0.0
+    if args.eval and not (resume or args.finetune):
+        raise SystemExit("--eval needs weights: --resume CHECKPOINT (or --finetune WEIGHTS)")
     if resume and args.eval:
         pv.load_checkpoint(unwrap(model), resume)
     elif resume:

@@ -155,18 +155,19 @@ def run(args, cwd, nproc=1, timeout=300, check=True):
     return proc
 
 
-def final_weights(output):
-    return torch.load(os.path.join(output, "checkpoint.pth"), weights_only=True)["model"]
+def final_weights(output, key="model"):
+    return torch.load(os.path.join(output, "checkpoint.pth"), weights_only=True)[key]
 
 
 def test_two_process_run_counts_every_validation_image_once(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=(12, 5))   # 15 val images: 8 + 7 over 2 ranks
     out = str(tmp_path / "ddp")
-    run(TINY + ["--data-path", data, "--output", out, "--epochs", "2", "--batch-size", "8"], tmp_path, nproc=2)
+    run(TINY + ["--data-path", data, "--output", out, "--epochs", "2", "--batch-size", "8", "--accum-steps", "2"],
+        tmp_path, nproc=2)
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     results = json.load(open(os.path.join(out, "results.json")))
     assert [entry["epoch"] for entry in log] == [0, 1] and results["val_images"] == 15
-    assert results["args"]["world"] == 2 and results["args"]["micro_batch"] == 4
+    assert results["args"]["world"] == 2 and results["args"]["micro_batch"] == 2  # 8 / (2 ranks x 2 accum)
     # one process evaluating the same weights gets the same numbers
     run(TINY + ["--data-path", data, "--output", str(tmp_path / "eval"), "--eval", "--resume",
                 os.path.join(out, "checkpoint.pth")], tmp_path)
@@ -178,7 +179,7 @@ def test_two_process_run_counts_every_validation_image_once(tmp_path):
 def test_resume_after_a_kill_is_bit_exact(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=(16, 3))
     common = TINY + ["--data-path", data, "--epochs", "3", "--batch-size", "4", "--save-every", "2",
-                     "--mixup", "0.8", "--drop-path", "0.2"]
+                     "--mixup", "0.8", "--drop-path", "0.2", "--ema", "--ema-decay", "0.9"]
     run(common + ["--output", str(tmp_path / "straight")], tmp_path)
 
     killed = str(tmp_path / "killed")
@@ -196,8 +197,9 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path):
     assert (state["epoch"], state["step"]) != (3, 0), "the run finished before it could be killed"
     run(common + ["--output", killed], tmp_path)  # resumes automatically from OUTPUT/checkpoint.pth
 
-    a, b = final_weights(str(tmp_path / "straight")), final_weights(killed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("model", "ema"):
+        a, b = final_weights(str(tmp_path / "straight"), key), final_weights(killed, key)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
     log = [json.loads(line)["epoch"] for line in open(os.path.join(killed, "log.jsonl"))]
     assert log == [0, 1, 2]
 

@@ -176,6 +176,18 @@ def test_two_process_run_counts_every_validation_image_once(tmp_path):
     assert single["top1"] == pytest.approx(results["top1"]) and single["val_loss"] == pytest.approx(results["val_loss"])
 
 
+def test_fsdp_trains_the_same_weights_as_ddp(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=(8, 3))
+    common = TINY + ["--data-path", data, "--epochs", "2", "--batch-size", "4"]
+    run(common + ["--output", str(tmp_path / "ddp")], tmp_path, nproc=2)
+    run(common + ["--output", str(tmp_path / "fsdp"), "--fsdp"], tmp_path, nproc=2)
+    a, b = final_weights(str(tmp_path / "ddp")), final_weights(str(tmp_path / "fsdp"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    # the FSDP checkpoint is a full, unsharded state dict that loads into a plain model
+    model = pv.create_model("adv_t", embed_dim=32, depth=2, d_state=16, patch=4, res=16, num_classes=3)
+    assert pv.load_checkpoint(model, str(tmp_path / "fsdp" / "checkpoint.pth")) == ([], [])
+
+
 def test_resume_after_a_kill_is_bit_exact(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=(16, 3))
     common = TINY + ["--data-path", data, "--epochs", "3", "--batch-size", "4", "--save-every", "2",

@@ -735,12 +735,21 @@ def main(argv=None):
     if args.steps_per_epoch == 0 and not args.eval:
         raise SystemExit(f"{len(train_loader.dataset)} training images give no full batch of {args.micro_batch} per rank")
 
+    latest = os.path.join(args.output, "checkpoint.pth")
+    found = latest if os.path.exists(latest) and not args.no_resume else None
+    # --eval: the weights named (--resume, else --finetune), else the run folder's checkpoint.
+    # Training: --finetune initialises; a checkpoint (--resume or the run folder's) continues.
+    init = (args.resume or args.finetune or found) if args.eval else args.finetune
+    resume = None if args.eval else (args.resume or found)
+    if args.eval and not init:
+        raise SystemExit("--eval needs weights: --resume CHECKPOINT, --finetune WEIGHTS, or a run in --output")
+
     model = build_model(args)
-    if args.finetune:
+    if init:
         try:
-            pv.load_checkpoint(model, args.finetune)
+            pv.load_checkpoint(model, init)
         except (KeyError, ValueError) as e:
-            raise SystemExit(f"--finetune {args.finetune}: {e}") from None
+            raise SystemExit(f"{init}: {e}") from None
     model.set_grad_checkpointing(args.grad_ckpt)
     model.to(device)
     ema = None
@@ -756,14 +765,8 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
     os.makedirs(args.output, exist_ok=True)
-    latest = os.path.join(args.output, "checkpoint.pth")
-    resume = args.resume or (latest if os.path.exists(latest) and not args.no_resume else None)
     start_epoch, start_step, best = 0, 0, 0.0
-    if args.eval and not (resume or args.finetune):
-        raise SystemExit("--eval needs weights: --resume CHECKPOINT (or --finetune WEIGHTS)")
-    if resume and args.eval:
-        pv.load_checkpoint(unwrap(model), resume)
-    elif resume:
+    if resume:
         ckpt = load_training_state(resume, model, optimizer, scaler, ema)
         start_epoch, start_step, best = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
         if args.is_main:
@@ -775,12 +778,12 @@ def main(argv=None):
               f"{n_params / 1e6:.2f} M params | {args.recipe} recipe, {world} x {args.accum_steps} x "
               f"{args.micro_batch} = {args.batch_size} images/step, peak lr {args.peak_lr:.2e}")
 
-    if args.eval:
+    if args.eval:  # eval.json, so that a training run's results.json in the same folder survives
         metrics = evaluate(model, val_loader, args, device)
         if args.is_main:
             print(json.dumps(metrics))
-            with open(os.path.join(args.output, "results.json"), "w") as f:
-                json.dump(dict(metrics, args=jsonable(args)), f, indent=1)
+            with open(os.path.join(args.output, "eval.json"), "w") as f:
+                json.dump(dict(metrics, weights=init, args=jsonable(args)), f, indent=1)
         return metrics
 
     mixup, criterion = loss_function(args)

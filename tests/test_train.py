@@ -171,7 +171,7 @@ def test_two_process_run_counts_every_validation_image_once(tmp_path):
     # one process evaluating the same weights gets the same numbers
     run(TINY + ["--data-path", data, "--output", str(tmp_path / "eval"), "--eval", "--resume",
                 os.path.join(out, "checkpoint.pth")], tmp_path)
-    single = json.load(open(tmp_path / "eval" / "results.json"))
+    single = json.load(open(tmp_path / "eval" / "eval.json"))
     assert single["val_images"] == 15
     assert single["top1"] == pytest.approx(results["top1"]) and single["val_loss"] == pytest.approx(results["val_loss"])
 

@@ -579,23 +579,14 @@ def train_one_epoch(epoch, start_step, model, loader, optimizer, scaler, ema, mi
                 (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.detach()
             totals["images"] += len(images)
-        if scaler:
-            scaler.unscale_(optimizer)
-        if args.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, args.clip_grad)
         if ema is not None:
             ema.update(unwrap(model), step=global_step)
         totals["loss"] += step_loss
         totals["steps"] += 1
         last = step == args.steps_per_epoch - 1
         if step % args.log_every == 0 or last or (args.save_every and (step + 1) % args.save_every == 0):
-            check_finite(step_loss, epoch, step, args)
+            check_finite(step_loss, f"epoch {epoch}, step {step}", args)
             bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}",
                             img_s=f"{totals['images'] * args.world / (time.perf_counter() - start_time):.1f}")
         if args.save_every and (step + 1) % args.save_every == 0 and not last:
@@ -607,10 +598,24 @@ def train_one_epoch(epoch, start_step, model, loader, optimizer, scaler, ema, mi
                 train_skipped=int(skipped))
 
 
-def check_finite(loss, epoch, step, args):
+def optimizer_step(model, optimizer, scaler=None, clip_grad=None):
+    """Unscale (fp16), clip, step and clear the gradients."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def check_finite(loss, where, args):
     if not torch.isfinite(loss):
-        raise SystemExit(f"loss is {loss.item()} at epoch {epoch}, step {step}: stopping. The last good checkpoint "
-                         f"in {args.output} is intact. Try a lower --lr, --clip-grad 1.0, or --amp bf16 instead of fp16.")
+        raise SystemExit(f"loss is {loss.item()} at {where}: stopping. The last good checkpoint in {args.output} "
+                         f"is intact. Try a lower --lr, --clip-grad 1.0, or --amp bf16 instead of fp16.")
 
 
 def peak_memory_mb(device):
@@ -834,10 +839,11 @@ def main(argv=None):
     return metrics
 
 
-def keep_log_lines(path, before_epoch):
+def keep_log_lines(path, before, key="epoch"):
+    """Drop the log lines of work that a resumed run will redo (their `key` is >= `before`)."""
     if os.path.exists(path):
         with open(path) as f:
-            lines = [line for line in f if json.loads(line)["epoch"] < before_epoch]
+            lines = [line for line in f if json.loads(line)[key] < before]
         with open(path, "w") as f:
             f.writelines(lines)
 

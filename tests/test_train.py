@@ -1,10 +1,6 @@
 """train.py: recipes against the paper, distributed runs, exact resume, bad data, the benchmark."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,8 +9,7 @@ from PIL import Image
 
 import pixelvit as pv
 import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, run_and_kill, run_script
 PAPER = json.load(open(os.path.join(ROOT, "notebooks", "paper_tables.json")))
 TINY = ["--model", "adv_t", "--embed-dim", "32", "--depth", "2", "--d-state", "16", "--patch", "4",
         "--res", "16", "--workers", "0", "--recipe", "demo", "--warmup-epochs", "1"]
@@ -144,15 +139,7 @@ def write_image_folder(root, per_class=(12, 5), classes=3, corrupt=False):
 
 
 def run(args, cwd, nproc=1, timeout=300, check=True):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd + [os.path.join(ROOT, "train.py")] + args, cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_script("train.py", args, cwd, nproc, check, timeout)
 
 
 def final_weights(output, key="model"):
@@ -195,17 +182,8 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path):
     run(common + ["--output", str(tmp_path / "straight")], tmp_path)
 
     killed = str(tmp_path / "killed")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + common + ["--output", killed],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt, deadline = os.path.join(killed, "checkpoint.pth"), time.time() + 120
-    while time.time() < deadline:  # kill as soon as a checkpoint from inside epoch 1 exists
-        if os.path.exists(ckpt) and torch.load(ckpt, weights_only=True)["epoch"] >= 1:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    state = torch.load(ckpt, weights_only=True)
+    state = run_and_kill("train.py", common + ["--output", killed], tmp_path, os.path.join(killed, "checkpoint.pth"),
+                         ready=lambda ckpt: ckpt["epoch"] >= 1)  # a checkpoint from inside epoch 1
     assert (state["epoch"], state["step"]) != (3, 0), "the run finished before it could be killed"
     run(common + ["--output", killed], tmp_path)  # resumes automatically from OUTPUT/checkpoint.pth
 

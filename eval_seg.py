@@ -1,0 +1,611 @@
+"""ADE20k semantic segmentation: the paper's decoder-free linear head against UperNet (Table 2, Fig. 2).
+
+    python eval_seg.py                       # a short demo on a tiny ADE-format folder, CPU, minutes
+    torchrun --nproc_per_node 8 eval_seg.py --model adv_b --patch 4 --head linear \\
+        --data-path ADEChallengeData2016 --finetune imagenet_ckpt.pth
+    python eval_seg.py --eval-only --resume runs/seg/checkpoint.pth --model adv_b --patch 4 --data-path ADE...
+
+The paper's recipe by default: AdamW lr 5e-5, weight decay 0.01, total batch 16, 160k iterations,
+linear warm-up over 1,500 iterations from 1e-6 x lr, then polynomial (power 1) decay to 0 (mmseg's
+ViT-UperNet schedule, which the paper's numbers match). mIoU, mAcc and aAcc are computed as mmseg does.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+import pixelvit as pv
+import train
+
+IGNORE = 255
+ADE_CLASSES = 150
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the ADEChallengeData2016 layout, and mmseg's pipelines on image and mask together
+
+
+class ADESegmentation(Dataset):
+    """images/<split>/*.jpg with annotations/<split>/*.png holding 0 (unlabelled) .. num_classes.
+    Labels are returned reduced (mmseg's reduce_zero_label): 0 -> 255 (ignored), k -> k - 1."""
+
+    def __init__(self, root, split, num_classes=ADE_CLASSES):
+        self.images_dir, self.labels_dir = (os.path.join(root, kind, split) for kind in ("images", "annotations"))
+        for d in (self.images_dir, self.labels_dir):
+            if not os.path.isdir(d):
+                raise SystemExit(f"{root}: expected the ADEChallengeData2016 layout images/{split}/*.jpg and "
+                                 f"annotations/{split}/*.png, but {d} does not exist")
+        stems = lambda d: {os.path.splitext(f)[0] for f in os.listdir(d)}  # noqa: E731
+        images, labels = stems(self.images_dir), stems(self.labels_dir)
+        if images != labels:
+            raise SystemExit(f"{root} {split}: images without annotations {sorted(images - labels)[:5]}, "
+                             f"annotations without images {sorted(labels - images)[:5]}")
+        self.stems = sorted(images)
+        self.extension = {os.path.splitext(f)[0]: f for f in os.listdir(self.images_dir)}
+        self.num_classes = num_classes
+        names = os.path.join(root, "objectInfo150.txt")
+        self.class_names = (read_class_names(names) if os.path.exists(names) and num_classes == ADE_CLASSES
+                            else [f"class_{i}" for i in range(num_classes)])
+
+    def __len__(self):
+        return len(self.stems)
+
+    def read(self, i):
+        """(uint8 image [3, H, W], int64 reduced label [H, W], stem)."""
+        stem = self.stems[i]
+        image = torch.from_numpy(np.asarray(Image.open(os.path.join(self.images_dir, self.extension[stem]))
+                                            .convert("RGB"))).permute(2, 0, 1).contiguous()
+        raw = np.asarray(Image.open(os.path.join(self.labels_dir, stem + ".png")))
+        if raw.ndim != 2 or raw.max() > self.num_classes:
+            raise ValueError(f"{stem}.png: expected one channel of values 0..{self.num_classes}, got shape "
+                             f"{raw.shape} with values up to {raw.max()}")
+        label = torch.from_numpy(raw.astype(np.int64)) - 1
+        label[label < 0] = IGNORE
+        if image.shape[1:] != label.shape:
+            raise ValueError(f"{stem}: image {tuple(image.shape[1:])} and annotation {tuple(label.shape)} differ in size")
+        return image, label, stem
+
+
+def read_class_names(path):
+    """Class names from ADE's objectInfo150.txt (tab-separated, the name column last)."""
+    with open(path) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f][1:]
+    return [row[-1].split(";")[0].strip() for row in rows]
+
+
+def rescale_size(h, w, long_side=2048, short_side=512, ratio=1.0):
+    """mmseg's keep-ratio Resize to (2048, 512) x ratio: the largest size within both bounds."""
+    factor = min(long_side * ratio / max(h, w), short_side * ratio / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def photometric_distortion(image):
+    """mmseg's PhotoMetricDistortion on uint8 RGB: brightness +-32, contrast x[0.5, 1.5], saturation
+    x[0.5, 1.5], hue +-18 (of OpenCV's 180), each with a coin flip; contrast first or last."""
+    x = image.float()
+    if random.random() < 0.5:
+        x = (x + random.uniform(-32, 32)).clamp(0, 255)
+    contrast_first = random.random() < 0.5
+
+    def contrast(x):
+        return (x * random.uniform(0.5, 1.5)).clamp(0, 255) if random.random() < 0.5 else x
+
+    x = contrast(x) if contrast_first else x
+    x = x.round().to(torch.uint8)
+    if random.random() < 0.5:
+        x = TF.adjust_saturation(x, random.uniform(0.5, 1.5))
+    if random.random() < 0.5:
+        x = TF.adjust_hue(x, random.uniform(-18, 18) / 180)
+    return x if contrast_first else contrast(x.float()).round().to(torch.uint8)
+
+
+def random_crop(image, label, size, cat_max_ratio=0.75, tries=10):
+    """A random size x size crop whose largest class covers under 75 % of the labelled pixels
+    (mmseg's cat_max_ratio; up to 10 tries), padded with the ignore label if the image is smaller."""
+    h, w = label.shape
+    for _ in range(tries):
+        top, left = random.randint(0, max(h - size, 0)), random.randint(0, max(w - size, 0))
+        crop = label[top:top + size, left:left + size]
+        counts = torch.bincount(crop[crop != IGNORE].flatten())
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    image, label = image[:, top:top + size, left:left + size], label[top:top + size, left:left + size]
+    pad = [0, size - label.shape[1], 0, size - label.shape[0]]
+    return F.pad(image, pad, value=0), F.pad(label, pad, value=IGNORE)
+
+
+def train_pipeline(image, label, crop, short_side=512, photometric=True):
+    """mmseg's ADE20k training pipeline: random resize x[0.5, 2] of (2048, short_side), a cat-max-ratio
+    crop, a flip and photometric distortion, on image (bilinear) and mask (nearest) together."""
+    size = rescale_size(*label.shape, long_side=4 * short_side, short_side=short_side, ratio=random.uniform(0.5, 2.0))
+    image = TF.resize(image, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+    label = TF.resize(label[None], list(size), interpolation=TF.InterpolationMode.NEAREST)[0]
+    image, label = random_crop(image, label, crop)
+    if random.random() < 0.5:
+        image, label = image.flip(-1), label.flip(-1)
+    if photometric:
+        image = photometric_distortion(image)
+    return normalize(image), label
+
+
+def normalize(image):
+    mean = torch.tensor(pv.IMAGENET_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(pv.IMAGENET_STD).view(3, 1, 1) * 255
+    return (image.float() - mean) / std
+
+
+class TrainCrops(Dataset):
+    """Training crops, asked for as (draw, index): the draw seeds the augmentation (as in train.py)."""
+
+    def __init__(self, base, crop, short_side, seed):
+        self.base, self.crop, self.short_side, self.seed = base, crop, short_side, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        draw, index = key
+        image, label, _ = self.base.read(index)
+        train.seed_everything(self.seed, "crop", draw)
+        return train_pipeline(image, label, self.crop, self.short_side)
+
+
+class Draws(Sampler):
+    """An endless stream of epochs, each a seeded permutation. Rank r takes draws
+    (i * world + r) * batch + j at iteration i, from iteration `start` on: resumable exactly."""
+
+    def __init__(self, n, batch, rank, world, seed, start=0):
+        self.n, self.batch, self.rank, self.world, self.seed, self.start = n, batch, rank, world, seed, start
+
+    def __iter__(self):
+        epoch, order = None, None
+        for i in range(self.start, 2**62):
+            for j in range(self.batch):
+                draw = (i * self.world + self.rank) * self.batch + j
+                if draw // self.n != epoch:
+                    epoch = draw // self.n
+                    order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                        train.derive_seed(self.seed, "order", epoch))).tolist()
+                yield draw, order[draw % self.n]
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads
+
+
+def conv_bn_relu(cin, cout, k):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UperNetHead(nn.Module):
+    """UPerNet (Xiao et al. 2018) as mmseg's UPerHead: a pyramid pooling module (scales 1, 2, 3, 6) on
+    the deepest map, a top-down FPN over all four, fused at the finest level."""
+
+    def __init__(self, in_dim, channels, num_classes, pool_scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_dim, channels, 1))
+                                 for s in pool_scales)
+        self.bottleneck = conv_bn_relu(in_dim + len(pool_scales) * channels, channels, 3)
+        self.laterals = nn.ModuleList(conv_bn_relu(in_dim, channels, 1) for _ in range(3))
+        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(3))
+        self.fpn_bottleneck = conv_bn_relu(4 * channels, channels, 3)
+        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
+
+    def forward(self, maps):  # four maps at strides 4, 8, 16, 32
+        top = maps[3]
+        pooled = [F.interpolate(p(top), top.shape[-2:], mode="bilinear", align_corners=False) for p in self.ppm]
+        levels = [lat(m) for lat, m in zip(self.laterals, maps[:3])] + [self.bottleneck(torch.cat([top, *pooled], 1))]
+        for i in (2, 1, 0):  # top-down: add the upsampled coarser level
+            levels[i] = levels[i] + F.interpolate(levels[i + 1], levels[i].shape[-2:], mode="bilinear",
+                                                  align_corners=False)
+        levels = [conv(level) for conv, level in zip(self.fpn_convs, levels[:3])] + [levels[3]]
+        fused = torch.cat([levels[0]] + [F.interpolate(level, levels[0].shape[-2:], mode="bilinear", align_corners=False)
+                                         for level in levels[1:]], 1)
+        return self.classifier(self.fpn_bottleneck(fused))
+
+
+class FCNHead(nn.Module):
+    """mmseg's auxiliary FCN head (one 3x3 conv, 256 channels), trained with weight 0.4."""
+
+    def __init__(self, in_dim, num_classes, channels=256):
+        super().__init__()
+        self.layers = nn.Sequential(conv_bn_relu(in_dim, channels, 3), nn.Dropout2d(0.1),
+                                    nn.Conv2d(channels, num_classes, 1))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def to_strides(maps, patch, strides=(4, 8, 16, 32)):
+    """Rescale stride-p maps to strides 4/8/16/32 without parameters: bilinear up where p > s,
+    max-pooling down where p < s, so one head serves every patch size."""
+    out = []
+    for m, s in zip(maps, strides):
+        if patch > s:
+            m = F.interpolate(m, scale_factor=patch // s, mode="bilinear", align_corners=False)
+        elif patch < s:
+            m = F.max_pool2d(m, s // patch)
+        out.append(m)
+    return out
+
+
+# UperNet widths that make the head (with its auxiliary FCN) the size the paper reports:
+# 5.10 M for Adventurer-T (Table 2: 17 - 12 M) and 13.61 M for Adventurer-B (Fig. 2: 13 M).
+UPERNET_CHANNELS = {256: 192, 768: 288}
+
+
+class Segmenter(nn.Module):
+    """A pixelvit backbone with the decoder-free linear head or UperNet (+ auxiliary FCN)."""
+
+    def __init__(self, backbone, head, num_classes, upernet_channels=None):
+        super().__init__()
+        self.backbone, self.head_kind = backbone, head
+        d, depth = backbone.embed_dim, len(backbone.blocks)
+        if head == "linear":
+            self.head = pv.DecoderFreeHead(d, num_classes)
+        else:
+            self.taps = [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]  # (2, 5, 8, 11) at 12
+            self.head = UperNetHead(d, upernet_channels or UPERNET_CHANNELS.get(d, 256), num_classes)
+            self.aux_head = FCNHead(d, num_classes)
+
+    def forward(self, images):
+        """Logits at the input size, and the auxiliary logits (UperNet, training only) or None."""
+        size = images.shape[-2:]
+        if self.head_kind == "linear":
+            return self.head(self.backbone.forward_dense(images), size), None
+        maps = self.backbone.forward_dense(images, layers=self.taps)
+        # the deepest tap through the backbone's final norm, as mmseg's ViT does (final_norm=True)
+        maps[-1] = self.backbone.final_norm(maps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        maps = to_strides(maps, self.backbone.patch_size)
+        up = lambda x: F.interpolate(x, size, mode="bilinear", align_corners=False)  # noqa: E731
+        return up(self.head(maps)), (up(self.aux_head(maps[2])) if self.training else None)
+
+    def head_parameters(self):
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("backbone."))
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics (mmseg's IoUMetric)
+
+
+class SegMetric:
+    """Sums per-class intersection, union, prediction and label areas over the whole set; IoU and
+    accuracy per class are ratios of the sums. Classes with no union are left out of the means."""
+
+    def __init__(self, num_classes, device="cpu"):
+        self.num_classes = num_classes
+        self.areas = torch.zeros(4, num_classes, dtype=torch.float64, device=device)  # I, U, pred, label
+
+    def update(self, pred, label):
+        keep = label != IGNORE
+        pred, label = pred[keep], label[keep]
+        bins = lambda x: torch.bincount(x, minlength=self.num_classes)[: self.num_classes].double()  # noqa: E731
+        inter, area_pred, area_label = bins(pred[pred == label]), bins(pred), bins(label)
+        self.areas += torch.stack([inter, area_pred + area_label - inter, area_pred, area_label])
+
+    def reduce(self):
+        if dist.is_initialized():
+            dist.all_reduce(self.areas)
+
+    def compute(self):
+        inter, union, _, label = self.areas
+        iou, acc = inter / union, inter / label  # 0/0 = nan: absent classes drop out of the nanmeans
+        return dict(mIoU=100 * iou.nanmean().item(), mAcc=100 * acc.nanmean().item(),
+                    aAcc=100 * (inter.sum() / label.sum()).item(), per_class_iou=(100 * iou).tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference
+
+
+def pad_to(x, multiple, value=0):
+    h, w = x.shape[-2:]
+    return F.pad(x, [0, -w % multiple, 0, -h % multiple], value=value)
+
+
+def predict_whole(model, image, patch):
+    h, w = image.shape[-2:]
+    return model(pad_to(image, patch))[0][..., :h, :w]
+
+
+def predict_slide(model, image, patch, crop=512, stride=341):
+    """mmseg's sliding-window inference: overlapping crops, logits averaged where they overlap."""
+    _, _, h, w = image.shape
+    rows = max(h - crop + stride - 1, 0) // stride + 1
+    cols = max(w - crop + stride - 1, 0) // stride + 1
+    total, count = None, torch.zeros(1, 1, h, w, device=image.device)
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            logits = predict_whole(model, image[..., y1:y2, x1:x2], patch)
+            if total is None:
+                total = image.new_zeros(image.shape[0], logits.shape[1], h, w)
+            total[..., y1:y2, x1:x2] += logits
+            count[..., y1:y2, x1:x2] += 1
+    return total / count
+
+
+@torch.no_grad()
+def evaluate(model, dataset, args, device, save_dir=None, visualize=0):
+    """mIoU / mAcc / aAcc and the validation loss over the whole set (each rank a strided share)."""
+    model.eval()
+    segmenter = train.unwrap(model)
+    if dist.is_initialized():  # BatchNorm statistics drift apart per rank without SyncBN: use rank 0's,
+        for buffer in segmenter.buffers():  # which are also the ones the checkpoint keeps
+            dist.broadcast(buffer, 0)
+    metric = SegMetric(dataset.num_classes, device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # summed CE, labelled pixels
+    indices = range(args.rank, len(dataset), args.world)
+    for i in tqdm(indices, desc="eval", leave=False, disable=not args.is_main):
+        image, label, stem = dataset.read(i)
+        resized = TF.resize(image, list(rescale_size(*label.shape, long_side=4 * args.crop, short_side=args.crop)),
+                            interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+        x = normalize(resized)[None].to(device)
+        with train.autocast(args, device):
+            logits = (predict_slide(segmenter, x, args.patch, args.crop, args.stride) if args.mode == "slide"
+                      else predict_whole(segmenter, x, args.patch)).float()
+        logits = F.interpolate(logits, label.shape, mode="bilinear", align_corners=False)
+        label = label.to(device)
+        pred = logits.argmax(1)[0]
+        metric.update(pred, label)
+        loss_sum += torch.stack([F.cross_entropy(logits, label[None], ignore_index=IGNORE, reduction="sum"),
+                                 (label != IGNORE).sum()]).double()
+        if save_dir:  # the ADE20k benchmark's format: uint8 PNG of class + 1
+            Image.fromarray((pred + 1).byte().cpu().numpy()).save(os.path.join(save_dir, stem + ".png"))
+        if i < visualize:
+            save_overlay(image, label.cpu(), pred.cpu(), os.path.join(args.output, "visualize", stem + ".png"))
+    metric.reduce()
+    loss, pixels = train.all_reduce(loss_sum.tolist(), device)
+    return dict(**metric.compute(), val_loss=loss / max(pixels, 1), val_images=len(dataset))
+
+
+def palette(num_classes, seed=0):
+    colors = np.random.default_rng(seed).integers(0, 255, (256, 3), dtype=np.uint8)
+    colors[IGNORE] = 0
+    return colors
+
+
+def save_overlay(image, label, pred, path):
+    """image | ground truth | prediction, labels blended over the image."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rgb = image.permute(1, 2, 0).numpy().astype(np.float32)
+    colors = palette(256)
+    panels = [rgb] + [0.5 * rgb + 0.5 * colors[x.numpy().clip(0, 255)] for x in (label, pred)]
+    Image.fromarray(np.concatenate(panels, 1).astype(np.uint8)).save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo dataset: real handwritten digits scattered on a canvas
+
+
+def write_digit_scenes(root, n_train=48, n_val=12, size=64, seed=0):
+    """A tiny ADE-format folder from scikit-learn's scanned 8x8 digits: each image holds 2-4 digits
+    (16-24 px) on a noisy background; annotation 1 is background and 2 + d the ink of digit d."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    for split, count in (("training", n_train), ("validation", n_val)):
+        for kind in ("images", "annotations"):
+            os.makedirs(os.path.join(root, kind, split), exist_ok=True)
+        for k in range(count):
+            canvas = rng.normal(40, 12, (size, size)).clip(0, 255)
+            label = np.ones((size, size), np.uint8)
+            for _ in range(rng.integers(2, 5)):
+                j = rng.integers(len(digits.target))
+                side = int(rng.integers(16, 25))
+                glyph = np.asarray(Image.fromarray((digits.images[j] * 255 / 16).astype(np.uint8))
+                                   .resize((side, side), Image.BILINEAR))
+                top, left = rng.integers(0, size - side, 2)
+                ink = glyph > 96
+                canvas[top:top + side, left:left + side][ink] = glyph[ink]
+                label[top:top + side, left:left + side][ink] = 2 + digits.target[j]
+            tint = rng.uniform(0.6, 1.0, 3)
+            rgb = (canvas[..., None] * tint).clip(0, 255).astype(np.uint8)
+            name = f"ADE_{'train' if split == 'training' else 'val'}_{k:08d}"
+            Image.fromarray(rgb).save(os.path.join(root, "images", split, name + ".jpg"), quality=95)
+            Image.fromarray(label).save(os.path.join(root, "annotations", split, name + ".png"))
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="adv_t")
+    p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--head", choices=["linear", "upernet"], default="linear")
+    p.add_argument("--upernet-channels", type=int, help=f"default: {UPERNET_CHANNELS} by width, else 256")
+    p.add_argument("--embed-dim", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--d-state", type=int)
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--data-path", help="ADEChallengeData2016 folder (default: a demo folder written to --output)")
+    p.add_argument("--num-classes", type=int, help=f"default {ADE_CLASSES} (11 for the demo)")
+    p.add_argument("--crop", type=int, default=512, help="training crop and test short side (mmseg: 512)")
+    p.add_argument("--mode", choices=["slide", "whole"], default="slide")
+    p.add_argument("--stride", type=int, default=341, help="sliding-window stride")
+    p.add_argument("--iters", type=int, default=160_000)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--layer-decay", type=float, default=1.0)
+    p.add_argument("--warmup-iters", type=int, default=1500)
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--aux-weight", type=float, default=0.4)
+    p.add_argument("--finetune", help="backbone weights (an ImageNet checkpoint; resampled across res/patch)")
+    p.add_argument("--resume", help="segmentation checkpoint (default: OUTPUT/checkpoint.pth if present)")
+    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--eval-every", type=int, default=16_000)
+    p.add_argument("--save-every", type=int, default=2_000)
+    p.add_argument("--save-predictions", help="write one PNG label map per validation image here")
+    p.add_argument("--visualize", type=int, default=0, help="write N image | truth | prediction overlays")
+    p.add_argument("--output", default=None, help="default: runs/seg_<model>_p<patch>_<head>")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"])
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=20)
+    args = p.parse_args(argv)
+    if args.data_path is None:  # the demo: small images, few classes, a few hundred iterations
+        demo = dict(crop=64, stride=43, iters=300, batch_size=8, lr=1e-3, warmup_iters=30, eval_every=300,
+                    embed_dim=64, depth=4, d_state=16, num_classes=11, patch=4, drop_path=0.0)
+        defaults = vars(p.parse_args([]))
+        for key, value in demo.items():
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
+    args.num_classes = args.num_classes or ADE_CLASSES
+    if args.crop % args.patch:
+        p.error(f"--crop {args.crop} must be a multiple of --patch {args.patch}")
+    args.output = args.output or os.path.join("runs", f"seg_{args.model}_p{args.patch}_{args.head}")
+    return args
+
+
+def lr_at(it, args):
+    """Linear warm-up from 1e-6 x lr, then polynomial (power 1) decay to 0 at --iters."""
+    if it < args.warmup_iters:
+        return args.lr * (1e-6 + (1 - 1e-6) * it / args.warmup_iters)
+    return args.lr * (1 - (it - args.warmup_iters) / max(1, args.iters - args.warmup_iters))
+
+
+def build(args, device):
+    overrides = {k: getattr(args, k) for k in ("embed_dim", "depth", "d_state", "num_heads") if getattr(args, k)}
+    backbone = pv.create_model(args.model, patch=args.patch, res=args.crop, num_classes=0,
+                               drop_path=args.drop_path, **overrides)
+    if args.finetune:
+        try:
+            pv.load_checkpoint(backbone, args.finetune, strict=False)  # the classifier head is not needed
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"--finetune {args.finetune}: {e}") from None
+    backbone.set_grad_checkpointing(args.grad_ckpt)
+    model = Segmenter(backbone, args.head, args.num_classes, args.upernet_channels).to(device)
+    if args.world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.rank, args.world, device = train.setup_distributed()
+    args.is_main = args.rank == 0
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    args.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    os.makedirs(args.output, exist_ok=True)
+    if args.data_path is None:
+        args.data_path = os.path.join(args.output, "demo_data")
+        if args.is_main and not os.path.isdir(args.data_path):
+            write_digit_scenes(args.data_path)
+        if dist.is_initialized():
+            dist.barrier()
+    val_set = ADESegmentation(args.data_path, "validation", args.num_classes)
+    train.seed_everything(args.seed, "init")
+    model = build(args, device)
+    if args.is_main:
+        print(f"{args.model} patch {args.patch} + {args.head} head: {model.head_parameters() / 1e6:.3f} M head "
+              f"parameters, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M in all")
+
+    latest = os.path.join(args.output, "checkpoint.pth")
+    resume = args.resume or (latest if os.path.exists(latest) else None)
+    start = 0
+    if args.eval_only:
+        if not resume:
+            raise SystemExit("--eval-only needs --resume CHECKPOINT")
+        model.load_state_dict(torch.load(resume, map_location="cpu", weights_only=True)["model"])
+    if args.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.save_predictions:
+        os.makedirs(args.save_predictions, exist_ok=True)
+
+    def run_eval(it):
+        metrics = evaluate(model, val_set, args, device, args.save_predictions, args.visualize)
+        if args.is_main:
+            table = sorted(zip(val_set.class_names, metrics["per_class_iou"]), key=lambda t: -np.nan_to_num(t[1]))
+            print("\n".join(f"  {name:24s} {iou:6.2f}" for name, iou in table[:10] if not math.isnan(iou)))
+            summary = {k: v for k, v in metrics.items() if k != "per_class_iou"}
+            print(json.dumps(dict(iter=it, **summary)))
+            with open(os.path.join(args.output, "log.jsonl"), "a") as f:
+                f.write(json.dumps(dict(iter=it, **summary)) + "\n")
+            with open(os.path.join(args.output, "results.json"), "w") as f:
+                json.dump(dict(iter=it, **metrics, class_names=val_set.class_names,
+                               head_params=train.unwrap(model).head_parameters(), args=train.jsonable(args)), f, indent=1)
+        return metrics
+
+    if args.eval_only:
+        return run_eval(start)
+
+    if args.batch_size % args.world:
+        raise SystemExit(f"--batch-size {args.batch_size} must divide by the {args.world} processes")
+    micro = args.batch_size // args.world
+    seg = train.unwrap(model)
+    groups = train.param_groups(seg.backbone, args.weight_decay, args.layer_decay)
+    head = [p for n, p in seg.named_parameters() if not n.startswith("backbone.")]
+    groups += [dict(params=[p for p in head if p.ndim > 1], weight_decay=args.weight_decay, lr_scale=1.0),
+               dict(params=[p for p in head if p.ndim <= 1], weight_decay=0.0, lr_scale=1.0)]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    if resume:
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        seg.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start = ckpt["iter"]
+        if args.is_main:
+            print(f"resumed from {resume} at iteration {start}")
+        if args.is_main:  # evaluations after the checkpoint run again
+            train.keep_log_lines(os.path.join(args.output, "log.jsonl"), start + 1, key="iter")
+
+    train_set = TrainCrops(ADESegmentation(args.data_path, "training", args.num_classes), args.crop, args.crop, args.seed)
+    loader = DataLoader(train_set, batch_size=micro, num_workers=args.workers, pin_memory=device.type == "cuda",
+                        sampler=Draws(len(train_set), micro, args.rank, args.world, args.seed, start))
+    batches = iter(loader)
+    metrics, t0 = {}, time.perf_counter()
+    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, disable=not args.is_main, desc="train")
+    for it in bar:
+        model.train()
+        images, labels = (t.to(device, non_blocking=True) for t in next(batches))
+        train.seed_everything(args.seed, "step", it, args.rank)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it, args) * group["lr_scale"]
+        with train.autocast(args, device):
+            logits, aux = model(images)
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+            if aux is not None:
+                loss = loss + args.aux_weight * F.cross_entropy(aux.float(), labels, ignore_index=IGNORE)
+        (scaler.scale(loss) if scaler else loss).backward()
+        train.optimizer_step(model, optimizer, scaler)
+        done = it + 1
+        if it % args.log_every == 0 or done == args.iters:
+            train.check_finite(loss.detach(), f"iteration {it}", args)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(it, args):.2e}",
+                            img_s=f"{(done - start) * args.batch_size / (time.perf_counter() - t0):.1f}")
+        if done % args.eval_every == 0 or done == args.iters:
+            metrics = run_eval(done)
+        if done % args.save_every == 0 or done == args.iters:
+            if args.is_main:
+                train.save_checkpoint(latest, dict(model=seg.state_dict(), optimizer=optimizer.state_dict(),
+                                                   scaler=scaler.state_dict() if scaler else None, iter=done,
+                                                   args=train.jsonable(args)))
+    if args.is_main:
+        print(f"done: mIoU {metrics.get('mIoU', float('nan')):.2f} -> {args.output}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

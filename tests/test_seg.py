@@ -1,0 +1,189 @@
+"""eval_seg.py: mmseg's metrics by hand, the pipeline's alignment, head sizes, runs on an ADE-format folder."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval_seg as seg
+import pixelvit as pv
+from helpers import run_and_kill, run_script
+TINY = ["--model", "adv_t", "--embed-dim", "32", "--depth", "4", "--d-state", "16", "--patch", "4",
+        "--workers", "0", "--crop", "32", "--stride", "21", "--batch-size", "4", "--warmup-iters", "2"]
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+def test_metrics_by_hand():
+    # two images, 3 classes, 255 ignored. Class 2 never appears (absent from both: left out).
+    m = seg.SegMetric(3)
+    m.update(torch.tensor([0, 0, 1, 1, 0]), torch.tensor([0, 1, 1, 255, 0]))
+    m.update(torch.tensor([1, 1, 0]), torch.tensor([1, 0, 255]))
+    # kept pixels (pred, label): (0,0) (0,1) (1,1) (0,0) | (1,1) (1,0)
+    # class 0: I 2, pred 3, label 3 -> U 4; class 1: I 2, pred 3, label 3 -> U 4
+    r = m.compute()
+    assert r["mIoU"] == pytest.approx(100 * (2 / 4 + 2 / 4) / 2)
+    assert r["mAcc"] == pytest.approx(100 * (2 / 3 + 2 / 3) / 2)
+    assert r["aAcc"] == pytest.approx(100 * 4 / 6)
+    assert np.isnan(r["per_class_iou"][2])
+
+
+def test_a_class_predicted_but_never_labelled_counts_as_zero():
+    m = seg.SegMetric(3)
+    m.update(torch.tensor([0, 2, 1]), torch.tensor([0, 0, 1]))
+    # class 0: I 1, U 2; class 1: I 1, U 1; class 2: I 0, U 1 -> IoU 0, counted
+    assert m.compute()["mIoU"] == pytest.approx(100 * (0.5 + 1 + 0) / 3)
+
+
+def test_metric_sums_over_the_set_not_per_image_means():
+    m = seg.SegMetric(2)
+    m.update(torch.tensor([0] * 9 + [1]), torch.tensor([0] * 10))   # big image: class 0, I 9 U 10
+    m.update(torch.tensor([1]), torch.tensor([0]))                  # small image: class 0, I 0 U 1
+    assert m.compute()["per_class_iou"][0] == pytest.approx(100 * 9 / 11)
+
+
+# --- pipeline ---------------------------------------------------------------------------------------
+
+def test_train_pipeline_keeps_image_and_mask_aligned():
+    torch.manual_seed(0)
+    image = torch.zeros(3, 120, 200, dtype=torch.uint8)
+    label = torch.zeros(120, 200, dtype=torch.long)
+    image[0, 30:90, 50:170] = 255   # a red rectangle ...
+    label[30:90, 50:170] = 1         # ... is class 1; the rest is class 0
+    for trial in range(10):
+        seg.random.seed(trial)
+        x, y = seg.train_pipeline(image, label, crop=64, short_side=96, photometric=False)
+        assert x.shape == (3, 64, 64) and y.shape == (64, 64)
+        red = x[0] > x[1] + 1.0          # normalised red channel well above green
+        valid = y != seg.IGNORE
+        agree = (red == (y == 1))[valid].float().mean()
+        assert agree > 0.97, trial       # only resampling at the rectangle's border may differ
+
+
+def test_crop_of_a_small_image_is_padded_with_the_ignore_label():
+    image = torch.full((3, 20, 30), 7, dtype=torch.uint8)
+    label = torch.zeros(20, 30, dtype=torch.long)
+    x, y = seg.random_crop(image, label, 32)
+    assert x.shape == (3, 32, 32) and (y[20:] == seg.IGNORE).all() and (y[:, 30:] == seg.IGNORE).all()
+    assert (x[:, 20:] == 0).all() and (y[:20, :30] == 0).all()
+
+
+def test_mmseg_resize_rule():
+    assert seg.rescale_size(480, 640) == (512, 683)          # short side to 512
+    assert seg.rescale_size(300, 3000) == (205, 2048)        # long side capped at 2048
+    assert seg.rescale_size(512, 512, ratio=0.5) == (256, 256)
+
+
+# --- heads ------------------------------------------------------------------------------------------
+
+def upernet_formula(C, ch, classes=150):
+    """DENSE.md: mmseg UPerHead parameters, 16 C ch + 99 ch^2 + 174 ch + classes (BN affine)."""
+    return 16 * C * ch + 99 * ch * ch + 174 * ch + classes
+
+
+def aux_formula(C, classes=150):
+    return 9 * C * 256 + 2 * 256 + 256 * classes + classes
+
+
+@pytest.mark.parametrize("name,paper_head_m", [("adv_t", 5), ("adv_b", 13)])  # Table 2 / Fig. 2
+def test_head_sizes(name, paper_head_m):
+    with torch.device("meta"):
+        backbone = pv.create_model(name, patch=16, res=512, num_classes=0)
+        upernet = seg.Segmenter(backbone, "upernet", 150)
+        linear = seg.Segmenter(backbone, "linear", 150)
+    C = backbone.embed_dim
+    ch = seg.UPERNET_CHANNELS[C]
+    assert upernet.head_parameters() == upernet_formula(C, ch) + aux_formula(C)
+    assert upernet.head_parameters() / 1e6 == pytest.approx(paper_head_m, rel=0.06)
+    assert linear.head_parameters() == C * 150 + 150   # 0.115 M for B: the paper's "0.2 M" is rounded up
+
+
+@pytest.mark.parametrize("patch", [16, 8, 4, 2, 1])
+@pytest.mark.parametrize("head", ["linear", "upernet"])
+def test_segmenter_outputs_at_every_patch(head, patch):
+    torch.manual_seed(0)
+    backbone = pv.create_model("adv_t", patch=patch, res=32, embed_dim=32, depth=4, d_state=16, num_classes=0)
+    model = seg.Segmenter(backbone, head, 11).train()
+    logits, aux = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 11, 32, 32)
+    assert (aux is None) == (head == "linear")
+    maps = seg.to_strides([torch.zeros(1, 8, 32 // patch, 32 // patch)] * 4, patch)
+    assert [m.shape[-1] for m in maps] == [8, 4, 2, 1]   # strides 4, 8, 16, 32 of a 32 px input
+
+
+def test_slide_inference_covers_every_pixel_once_averaged():
+    class Ones(torch.nn.Module):  # a "model" whose logits are its input's first channel
+        def forward(self, x):
+            return x[:, :1], None
+    image = torch.arange(50 * 70, dtype=torch.float32).view(1, 1, 50, 70).expand(1, 3, 50, 70)
+    out = seg.predict_slide(Ones(), image, patch=1, crop=32, stride=21)
+    assert torch.allclose(out, image[:, :1])  # overlapping windows average to the same values
+
+
+# --- runs -------------------------------------------------------------------------------------------
+
+def run(args, cwd, nproc=1, check=True):
+    return run_script("eval_seg.py", args, cwd, nproc, check)
+
+
+def rescore(pred_dir, data):
+    """mIoU from the saved PNGs and the raw annotations, with numpy only."""
+    inter, union = np.zeros(11), np.zeros(11)
+    ann_dir = os.path.join(data, "annotations", "validation")
+    for name in os.listdir(ann_dir):
+        gt = np.asarray(Image.open(os.path.join(ann_dir, name))).astype(int) - 1
+        pred = np.asarray(Image.open(os.path.join(pred_dir, name))).astype(int) - 1
+        keep = gt >= 0
+        for c in range(11):
+            p, g = (pred == c) & keep, (gt == c) & keep
+            inter[c] += (p & g).sum()
+            union[c] += (p | g).sum()
+    present = union > 0
+    return 100 * (inter[present] / union[present]).mean()
+
+
+def test_two_process_run_and_saved_predictions(tmp_path):
+    data = seg.write_digit_scenes(str(tmp_path / "ade"), n_train=8, n_val=5, size=32)
+    out, preds = str(tmp_path / "run"), str(tmp_path / "preds")
+    run(TINY + ["--data-path", data, "--num-classes", "11", "--iters", "4", "--eval-every", "4", "--output", out,
+                "--head", "upernet"], tmp_path, nproc=2)
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["val_images"] == 5 and results["iter"] == 4 and results["args"]["world"] == 2
+    # one process evaluates the same checkpoint to the same numbers, and its PNGs re-score to them
+    run(TINY + ["--data-path", data, "--num-classes", "11", "--eval-only", "--resume", os.path.join(out, "checkpoint.pth"),
+                "--output", str(tmp_path / "eval"), "--save-predictions", preds, "--head", "upernet"], tmp_path)
+    single = json.load(open(tmp_path / "eval" / "results.json"))
+    assert single["mIoU"] == pytest.approx(results["mIoU"]) and single["val_loss"] == pytest.approx(results["val_loss"])
+    assert sorted(os.listdir(preds)) == sorted(os.listdir(os.path.join(data, "annotations", "validation")))
+    assert rescore(preds, data) == pytest.approx(single["mIoU"])
+
+
+def test_resume_after_a_kill_is_bit_exact(tmp_path):
+    data = seg.write_digit_scenes(str(tmp_path / "ade"), n_train=8, n_val=2, size=32)
+    common = TINY + ["--data-path", data, "--num-classes", "11", "--iters", "12", "--save-every", "3",
+                     "--eval-every", "100", "--drop-path", "0.1"]
+    run(common + ["--output", str(tmp_path / "straight")], tmp_path)
+    killed = str(tmp_path / "killed")
+    state = run_and_kill("eval_seg.py", common + ["--output", killed], tmp_path, os.path.join(killed, "checkpoint.pth"),
+                         ready=lambda ckpt: True)
+    assert state["iter"] < 12, "the run finished before it could be killed"
+    run(common + ["--output", killed], tmp_path)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)["model"]
+    b = torch.load(os.path.join(killed, "checkpoint.pth"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_folders_and_annotations(tmp_path):
+    data = seg.write_digit_scenes(str(tmp_path / "ade"), n_train=2, n_val=2, size=32)
+    os.remove(os.path.join(data, "annotations", "validation", "ADE_val_00000001.png"))
+    proc = run(TINY + ["--data-path", data, "--num-classes", "11"], tmp_path, check=False)
+    assert proc.returncode != 0 and "images without annotations ['ADE_val_00000001']" in proc.stderr
+    bad = seg.write_digit_scenes(str(tmp_path / "ade2"), n_train=2, n_val=2, size=32)
+    Image.fromarray(np.full((32, 32), 200, np.uint8)).save(os.path.join(bad, "annotations", "validation",
+                                                                        "ADE_val_00000000.png"))
+    with pytest.raises(ValueError, match="ADE_val_00000000.png: expected one channel of values 0..11"):
+        seg.ADESegmentation(bad, "validation", 11).read(0)
+    proc = run(TINY + ["--data-path", str(tmp_path / "nowhere")], tmp_path, check=False)
+    assert proc.returncode != 0 and "images/validation" in proc.stderr

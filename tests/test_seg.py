@@ -130,13 +130,13 @@ def run(args, cwd, nproc=1, check=True):
 
 def rescore(pred_dir, data):
     """mIoU from the saved PNGs and the raw annotations, with numpy only."""
-    inter, union = np.zeros(11), np.zeros(11)
+    inter, union = np.zeros(5), np.zeros(5)
     ann_dir = os.path.join(data, "annotations", "validation")
     for name in os.listdir(ann_dir):
         gt = np.asarray(Image.open(os.path.join(ann_dir, name))).astype(int) - 1
         pred = np.asarray(Image.open(os.path.join(pred_dir, name))).astype(int) - 1
         keep = gt >= 0
-        for c in range(11):
+        for c in range(5):
             p, g = (pred == c) & keep, (gt == c) & keep
             inter[c] += (p & g).sum()
             union[c] += (p | g).sum()
@@ -147,12 +147,12 @@ def rescore(pred_dir, data):
 def test_two_process_run_and_saved_predictions(tmp_path):
     data = seg.write_digit_scenes(str(tmp_path / "ade"), n_train=8, n_val=5, size=32)
     out, preds = str(tmp_path / "run"), str(tmp_path / "preds")
-    run(TINY + ["--data-path", data, "--num-classes", "11", "--iters", "4", "--eval-every", "4", "--output", out,
+    run(TINY + ["--data-path", data, "--num-classes", "5", "--iters", "4", "--eval-every", "4", "--output", out,
                 "--head", "upernet"], tmp_path, nproc=2)
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["val_images"] == 5 and results["iter"] == 4 and results["args"]["world"] == 2
     # one process evaluates the same checkpoint to the same numbers, and its PNGs re-score to them
-    run(TINY + ["--data-path", data, "--num-classes", "11", "--eval-only", "--resume", os.path.join(out, "checkpoint.pth"),
+    run(TINY + ["--data-path", data, "--num-classes", "5", "--eval-only", "--resume", os.path.join(out, "checkpoint.pth"),
                 "--output", str(tmp_path / "eval"), "--save-predictions", preds, "--head", "upernet"], tmp_path)
     single = json.load(open(tmp_path / "eval" / "results.json"))
     assert single["mIoU"] == pytest.approx(results["mIoU"]) and single["val_loss"] == pytest.approx(results["val_loss"])
@@ -162,7 +162,7 @@ def test_two_process_run_and_saved_predictions(tmp_path):
 
 def test_resume_after_a_kill_is_bit_exact(tmp_path):
     data = seg.write_digit_scenes(str(tmp_path / "ade"), n_train=8, n_val=2, size=32)
-    common = TINY + ["--data-path", data, "--num-classes", "11", "--iters", "12", "--save-every", "3",
+    common = TINY + ["--data-path", data, "--num-classes", "5", "--iters", "12", "--save-every", "3",
                      "--eval-every", "100", "--drop-path", "0.1"]
     run(common + ["--output", str(tmp_path / "straight")], tmp_path)
     killed = str(tmp_path / "killed")
@@ -178,12 +178,26 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path):
 def test_bad_folders_and_annotations(tmp_path):
     data = seg.write_digit_scenes(str(tmp_path / "ade"), n_train=2, n_val=2, size=32)
     os.remove(os.path.join(data, "annotations", "validation", "ADE_val_00000001.png"))
-    proc = run(TINY + ["--data-path", data, "--num-classes", "11"], tmp_path, check=False)
+    proc = run(TINY + ["--data-path", data, "--num-classes", "5"], tmp_path, check=False)
     assert proc.returncode != 0 and "images without annotations ['ADE_val_00000001']" in proc.stderr
     bad = seg.write_digit_scenes(str(tmp_path / "ade2"), n_train=2, n_val=2, size=32)
     Image.fromarray(np.full((32, 32), 200, np.uint8)).save(os.path.join(bad, "annotations", "validation",
                                                                         "ADE_val_00000000.png"))
-    with pytest.raises(ValueError, match="ADE_val_00000000.png: expected one channel of values 0..11"):
-        seg.ADESegmentation(bad, "validation", 11).read(0)
+    with pytest.raises(ValueError, match="ADE_val_00000000.png: expected one channel of values 0..5"):
+        seg.ADESegmentation(bad, "validation", 5).read(0)
     proc = run(TINY + ["--data-path", str(tmp_path / "nowhere")], tmp_path, check=False)
     assert proc.returncode != 0 and "images/validation" in proc.stderr
+
+
+def test_backbone_from_another_patch_size_and_resolution(tmp_path):
+    torch.manual_seed(0)
+    imagenet = pv.create_model("adv_t", patch=8, res=64, embed_dim=32, depth=4, d_state=16, num_classes=10)
+    path = str(tmp_path / "imagenet.pth")
+    torch.save({"model": imagenet.state_dict(), "epoch": 3}, path)
+    args = seg.parse_args(TINY + ["--data-path", "unused", "--finetune", path, "--num-classes", "5"])
+    args.world = 1
+    model = seg.build(args, torch.device("cpu"))   # patch 8 -> 4, 64 px -> 32 px crops, head dropped
+    backbone = model.backbone
+    assert backbone.patch_embed.proj.weight.shape[-1] == 4 and backbone.pos_embed.shape[1] == 8 * 8 + 1
+    assert torch.equal(backbone.layers[2].mixer.in_proj.weight, imagenet.layers[2].mixer.in_proj.weight)
+    assert torch.equal(backbone.pos_embed[:, -1], imagenet.pos_embed[:, -1])  # CLS row (last) kept apart

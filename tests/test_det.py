@@ -1,0 +1,116 @@
+"""eval_det.py (in progress): the pyramid's strides and the cascade head on hand-made boxes."""
+import pytest
+import torch
+
+import eval_det as det
+import pixelvit as pv
+
+
+def tiny_backbone(patch, res=64):
+    return pv.create_model("adv_t", patch=patch, res=res, embed_dim=32, depth=2, d_state=16, num_classes=0)
+
+
+def tiny_detector(patch=4, classes=3):
+    return det.build_detector(tiny_backbone(patch), classes, channels=32, min_size=64, max_size=96,
+                              rois_per_image=32, rpn_batch=32, head_dims=32, fc_dim=64)
+
+
+@pytest.mark.parametrize("patch", [16, 8, 4, 2, 1])
+def test_pyramid_strides_for_every_patch(patch):
+    torch.manual_seed(0)
+    backbone = det.PyramidBackbone(tiny_backbone(patch), channels=32)
+    levels = backbone(torch.randn(1, 3, 64, 128))
+    assert list(levels) == ["0", "1", "2", "3", "pool"]
+    assert [tuple(v.shape[-2:]) for v in levels.values()] == [(16, 32), (8, 16), (4, 8), (2, 4), (1, 2)]
+    assert all(v.shape[1] == 32 for v in levels.values())
+
+
+def test_matching_follows_each_stage_threshold():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    proposals = torch.tensor([[0.0, 0.0, 10.0, 5.5],    # IoU 0.55 with the ground truth
+                              [0.0, 0.0, 10.0, 7.5],    # IoU 0.75
+                              [20.0, 20.0, 30.0, 30.0]])  # IoU 0
+    labels = torch.tensor([4])
+    assert det.match(proposals, gt, labels, 0.5)[0].tolist() == [4, 4, 0]
+    assert det.match(proposals, gt, labels, 0.6)[0].tolist() == [0, 4, 0]
+    assert det.match(proposals, gt, labels, 0.7)[0].tolist() == [0, 4, 0]
+    empty = det.match(proposals, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 0.5)
+    assert empty[0].tolist() == [0, 0, 0]
+
+
+def test_stage_box_coders_by_hand():
+    heads = det.CascadeRoIHeads(32, 3, conv_dims=(32,), fc_dim=16, mask_dims=(32,))
+    proposal, gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([[1.0, 1.0, 11.0, 21.0]])
+    # centre shift 1 px on a 10 px box (0.1), height ratio 2: (wx dx, wy dy, ww log 1, wh log 2)
+    for coder, (wx, wy, ww, wh) in zip(heads.coders, [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]):
+        expected = torch.tensor([[wx * 0.1, wy * 0.6, 0.0, wh * torch.log(torch.tensor(2.0))]])
+        assert torch.allclose(coder.encode_single(gt, proposal), expected, atol=1e-6)
+    refined = heads.refine(1, heads.coders[1].encode_single(gt, proposal), [proposal], [(64, 64)])
+    assert torch.allclose(refined[0], gt, atol=1e-4)   # decoding inverts encoding, clipped to the image
+
+
+def test_stage_weights_scale_each_stage_loss():
+    torch.manual_seed(0)
+    heads = det.CascadeRoIHeads(32, 3, rois_per_image=16, conv_dims=(32,), fc_dim=16, mask_dims=(32,)).train()
+    features = {str(i): torch.randn(1, 32, 32 // 2**i, 32 // 2**i) for i in range(4)}
+    proposals = [torch.tensor([[2.0, 2, 30, 30], [0, 0, 60, 60], [10, 12, 40, 50], [5, 5, 20, 25]])]
+    masks = torch.zeros(1, 128, 128, dtype=torch.uint8)
+    masks[0, 4:30, 4:32] = 1
+    targets = [dict(boxes=torch.tensor([[4.0, 4, 32, 30]]), labels=torch.tensor([2]), masks=masks)]
+
+    def losses(weights):
+        heads.stage_weights = weights
+        torch.manual_seed(1)  # the same RoI sampling in both calls
+        return heads(features, proposals, [(128, 128)], targets)[1]
+
+    plain, weighted = losses((1.0, 1.0, 1.0)), losses((1.0, 0.5, 0.25))
+    for t, w in enumerate((1.0, 0.5, 0.25)):
+        for kind in ("classifier", "box_reg"):
+            assert weighted[f"loss_{kind}_s{t}"].item() == pytest.approx(w * plain[f"loss_{kind}_s{t}"].item(), rel=1e-5)
+    assert weighted["loss_mask"].item() > 0
+
+
+def test_images_without_objects_give_no_box_or_mask_loss():
+    torch.manual_seed(0)
+    model = tiny_detector().train()
+    empty = dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long),
+                 masks=torch.zeros(0, 64, 80, dtype=torch.uint8))
+    losses = model([torch.rand(3, 64, 80)], [empty])
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_mask"] == 0 and all(losses[f"loss_box_reg_s{t}"] == 0 for t in range(3))
+    sum(losses.values()).backward()
+
+
+def test_detections_average_the_stage_scores():
+    torch.manual_seed(0)
+    heads = det.CascadeRoIHeads(32, 3, conv_dims=(32,), fc_dim=16, mask_dims=(32,), score_thresh=0.0).eval()
+    features = {str(i): torch.randn(1, 32, 32 // 2**i, 32 // 2**i) for i in range(4)}
+    box = [torch.tensor([[10.0, 10, 50, 60]])]
+    (result,), _ = heads(features, box, [(128, 128)])
+    boxes, probabilities = box, []
+    for t in range(3):  # by hand: every stage scores the boxes the previous stage refined
+        logits, deltas = heads.stage(t, features, boxes, [(128, 128)])
+        probabilities.append(logits.softmax(-1))
+        boxes = heads.refine(t, deltas, boxes, [(128, 128)])
+    mean = torch.stack(probabilities).mean(0)[0, 1:]
+    best = result["scores"].argmax()
+    assert result["scores"][best] == pytest.approx(mean.max().item(), rel=1e-5)
+    assert torch.allclose(result["boxes"][best], boxes[0][0], atol=1e-4)   # the last stage's box
+    assert result["masks"].shape[1:] == (1, 28, 28)
+
+
+def test_training_step_and_inference_at_several_patches():
+    torch.manual_seed(0)
+    for patch in (16, 2):
+        model = tiny_detector(patch).train()
+        masks = torch.zeros(1, 64, 80, dtype=torch.uint8)
+        masks[0, 10:30, 10:40] = 1
+        target = dict(boxes=torch.tensor([[10.0, 10, 40, 30]]), labels=torch.tensor([1]), masks=masks)
+        losses = model([torch.rand(3, 64, 80)], [target])
+        assert set(losses) >= {"loss_objectness", "loss_rpn_box_reg", "loss_mask", "loss_classifier_s2"}
+        sum(losses.values()).backward()
+        assert model.backbone.body.patch_embed.proj.weight.grad.abs().sum() > 0
+        model.eval()
+        with torch.no_grad():
+            (out,) = model([torch.rand(3, 70, 90)])
+        assert out["masks"].shape[1:] == (1, 70, 90) and len(out["boxes"]) <= 100

@@ -1,8 +1,8 @@
 """COCO detection and instance segmentation: a Cascade Mask R-CNN on a plain pixelvit backbone (paper Table 3).
 
-Work in progress (issue 5): the detector is complete and tested (the simple feature pyramid for any patch
-size and the 3-stage cascade RoI head); the COCO data pipeline, pycocotools evaluation and the torchrun
-command line follow.
+Work in progress (issue 5): the detector (pyramid for any patch size, 3-stage cascade RoI head), the
+COCO dataset, the results writer and the pycocotools evaluation are done and tested; the torchrun
+command line (training, --eval-results, --visualize) follows.
 
 The detector is torchvision's GeneralizedRCNN machinery (transform, RPN, anchors, RoIAlign, box and
 mask heads, mask losses) with what torchvision lacks written here:
@@ -13,9 +13,12 @@ mask heads, mask losses) with what torchvision lacks written here:
     scores averaged over the stages' softmax outputs, boxes from the last stage), one mask head as in
     detectron2's cascade, trained on the last stage's positives.
 """
+import json
+import os
 from collections import OrderedDict
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,6 +34,142 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 import pixelvit as pv
+
+# ----------------------------------------------------------------------------------------------
+# COCO data and evaluation
+
+
+class CocoInstances(torch.utils.data.Dataset):
+    """COCO instances: (image in [0, 1], target) with boxes (x1, y1, x2, y2), contiguous labels 1..K,
+    uint8 masks and the image id. Category ids with gaps map to 1..K in sorted order and back
+    (`category_ids`). Crowd regions and boxes with no area are left out, and counted."""
+
+    def __init__(self, img_dir, ann_file, flip=False):
+        from pycocotools.coco import COCO
+        if not os.path.isfile(ann_file) or not os.path.isdir(img_dir):
+            raise SystemExit(f"expected COCO images in {img_dir} and annotations in {ann_file}")
+        self.coco, self.img_dir, self.flip = COCO(ann_file), img_dir, flip
+        self.image_ids = sorted(self.coco.getImgIds())
+        self.category_ids = sorted(self.coco.getCatIds())  # label k is category_ids[k - 1]
+        self.label_of = {c: k + 1 for k, c in enumerate(self.category_ids)}
+        anns = self.coco.loadAnns(self.coco.getAnnIds())
+        self.crowd = sum(a.get("iscrowd", 0) for a in anns)
+        self.degenerate = sum(1 for a in anns if not a.get("iscrowd", 0) and not self._usable(a))
+
+    @staticmethod
+    def _usable(ann):
+        x, y, w, h = ann["bbox"]
+        return w > 0 and h > 0
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        image_id = self.image_ids[i]
+        info = self.coco.loadImgs(image_id)[0]
+        image = torch.from_numpy(np.array(Image.open(os.path.join(self.img_dir, info["file_name"])).convert("RGB")))
+        image = image.permute(2, 0, 1).float() / 255
+        anns = [a for a in self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
+                if not a.get("iscrowd", 0) and self._usable(a)]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        masks = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns])) if anns else \
+            torch.zeros(0, info["height"], info["width"], dtype=torch.uint8)
+        target = dict(boxes=boxes, labels=torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.long),
+                      masks=masks, image_id=image_id)
+        if self.flip and torch.rand(()) < 0.5:
+            image, target["masks"] = image.flip(-1), masks.flip(-1)
+            target["boxes"] = torch.stack([image.shape[-1] - boxes[:, 2], boxes[:, 1],
+                                           image.shape[-1] - boxes[:, 0], boxes[:, 3]], dim=1)
+        return image, target
+
+
+def to_coco_results(outputs, image_ids, category_ids, mask_threshold=0.5):
+    """Detections in the COCO results format (the test-dev submission format): xywh boxes, scores,
+    the original category ids and RLE-encoded masks."""
+    import pycocotools.mask as mask_util
+    results = []
+    for out, image_id in zip(outputs, image_ids):
+        boxes = out["boxes"].tolist()
+        masks = (out["masks"][:, 0] > mask_threshold).cpu().numpy() if "masks" in out else None
+        for k, (box, score, label) in enumerate(zip(boxes, out["scores"].tolist(), out["labels"].tolist())):
+            entry = dict(image_id=int(image_id), category_id=category_ids[label - 1], score=float(score),
+                         bbox=[box[0], box[1], box[2] - box[0], box[3] - box[1]])
+            if masks is not None:
+                rle = mask_util.encode(np.asfortranarray(masks[k].astype(np.uint8)))
+                entry["segmentation"] = dict(size=rle["size"], counts=rle["counts"].decode("ascii"))
+            results.append(entry)
+    return results
+
+
+DEMO_CATEGORIES = {1: "red", 3: "green", 7: "blue", 9: "yellow"}  # ids with gaps, as COCO's have
+
+
+def write_digit_coco(root, n_train=120, n_val=20, size=64, seed=0):
+    """A tiny COCO-format set (train2017/, val2017/, annotations/instances_*.json) of real scanned
+    digits in four ink colours: one instance per digit, its category the colour, an RLE mask of its
+    ink; every fifth image holds no object."""
+    import pycocotools.mask as mask_util
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from eval_seg import render_digit_scene
+    digits, rng = load_digits(), np.random.default_rng(seed)
+    category_ids = sorted(DEMO_CATEGORIES)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    for split, count in (("train2017", n_train), ("val2017", n_val)):
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        images, annotations = [], []
+        for k in range(count):
+            rgb, instances = render_digit_scene(rng, digits, size, 0 if k % 5 == 0 else int(rng.integers(1, 4)))
+            name = f"{k:012d}.jpg"
+            Image.fromarray(rgb).save(os.path.join(root, split, name), quality=95)
+            images.append(dict(id=k + 1, file_name=name, height=size, width=size))
+            for mask, colour in instances:
+                if not mask.any():
+                    continue
+                rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+                annotations.append(dict(id=len(annotations) + 1, image_id=k + 1, category_id=category_ids[colour],
+                                        iscrowd=0, area=float(mask_util.area(rle)), bbox=mask_util.toBbox(rle).tolist(),
+                                        segmentation=dict(size=rle["size"], counts=rle["counts"].decode("ascii"))))
+        with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump(dict(images=images, annotations=annotations,
+                           categories=[dict(id=c, name=n) for c, n in DEMO_CATEGORIES.items()]), f)
+    return root
+
+
+STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+def coco_evaluate(coco_gt, results, kinds=("bbox", "segm")):
+    """pycocotools' COCOeval on a list of results; {kind: {AP, AP50, AP75, APs, APm, APl}} in %."""
+    from pycocotools.cocoeval import COCOeval
+    known_images, known_categories = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
+    unknown_images = sorted({r["image_id"] for r in results} - known_images)
+    unknown_categories = sorted({r["category_id"] for r in results} - known_categories)
+    if unknown_images or unknown_categories:
+        raise ValueError(f"results refer to image ids {unknown_images[:5]} and category ids {unknown_categories[:5]} "
+                         f"that the annotations do not have")
+    scores = {}
+    for kind in kinds:
+        if not results or (kind == "segm" and "segmentation" not in results[0]):
+            scores[kind] = dict.fromkeys(STAT_NAMES, 0.0)
+            continue
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), kind)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+        scores[kind] = {name: 100 * float(v) for name, v in zip(STAT_NAMES, evaluator.stats[:6])}
+    return scores
+
+
+def load_results(path):
+    with open(path) as f:
+        results = json.load(f)
+    if not isinstance(results, list) or any(not {"image_id", "category_id", "score"} <= set(r) for r in results):
+        raise ValueError(f"{path}: expected a COCO results list of dicts with image_id, category_id, score, bbox")
+    return results
 
 # ----------------------------------------------------------------------------------------------
 # Backbone and pyramid

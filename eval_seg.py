@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -161,25 +161,6 @@ class TrainCrops(Dataset):
         image, label, _ = self.base.read(index)
         train.seed_everything(self.seed, "crop", draw)
         return train_pipeline(image, label, self.crop, self.short_side)
-
-
-class Draws(Sampler):
-    """An endless stream of epochs, each a seeded permutation. Rank r takes draws
-    (i * world + r) * batch + j at iteration i, from iteration `start` on: resumable exactly."""
-
-    def __init__(self, n, batch, rank, world, seed, start=0):
-        self.n, self.batch, self.rank, self.world, self.seed, self.start = n, batch, rank, world, seed, start
-
-    def __iter__(self):
-        epoch, order = None, None
-        for i in range(self.start, 2**62):
-            for j in range(self.batch):
-                draw = (i * self.world + self.rank) * self.batch + j
-                if draw // self.n != epoch:
-                    epoch = draw // self.n
-                    order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                        train.derive_seed(self.seed, "order", epoch))).tolist()
-                yield draw, order[draw % self.n]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,10 +376,31 @@ def save_overlay(image, label, pred, path):
 INK_COLOURS = np.array([[230, 60, 50], [60, 200, 70], [70, 110, 240], [235, 215, 60]])  # red green blue yellow
 
 
+def render_digit_scene(rng, digits, size, count):
+    """An RGB scene of `count` scanned digits (sides 3/8 to 1/2 of the canvas) in the four ink colours
+    on a dark noisy background; returns the image and one (ink mask, colour index) per digit, the
+    later digits drawn over the earlier ones."""
+    rgb = rng.normal(40, 12, (size, size, 1)).clip(0, 255).repeat(3, axis=2)
+    instances = []
+    for _ in range(count):
+        j, colour = rng.integers(len(digits.target)), int(rng.integers(len(INK_COLOURS)))
+        side = int(rng.integers(3 * size // 8, size // 2 + 1))   # 24-32 px on a 64 px canvas
+        glyph = np.asarray(Image.fromarray((digits.images[j] * 255 / 16).astype(np.uint8))
+                           .resize((side, side), Image.BILINEAR)) / 255.0
+        top, left = rng.integers(0, size - side, 2)
+        mask = np.zeros((size, size), bool)
+        mask[top:top + side, left:left + side] = glyph > 0.4
+        rgb[mask] = glyph[mask[top:top + side, left:left + side], None] * INK_COLOURS[colour]
+        for earlier in instances:
+            earlier[0][mask] = False
+        instances.append((mask, colour))
+    return rgb.clip(0, 255).astype(np.uint8), instances
+
+
 def write_digit_scenes(root, n_train=160, n_val=20, size=64, seed=0):
-    """A tiny ADE-format folder from scikit-learn's scanned 8x8 digits: each image holds 1-3 digits
-    (24-32 px) in one of four ink colours on a dark noisy background. Annotation 1 is background and
-    2 + k the ink of colour k (5 classes): thin strokes, so boundaries decide the score."""
+    """A tiny ADE-format folder from scikit-learn's scanned 8x8 digits: each image holds 1-3 digits in
+    one of four ink colours. Annotation 1 is background and 2 + k the ink of colour k (5 classes):
+    thin strokes, so boundaries decide the score."""
     from sklearn.datasets import load_digits
     digits = load_digits()
     rng = np.random.default_rng(seed)
@@ -406,21 +408,12 @@ def write_digit_scenes(root, n_train=160, n_val=20, size=64, seed=0):
         for kind in ("images", "annotations"):
             os.makedirs(os.path.join(root, kind, split), exist_ok=True)
         for k in range(count):
-            rgb = rng.normal(40, 12, (size, size, 1)).clip(0, 255).repeat(3, axis=2)
+            rgb, instances = render_digit_scene(rng, digits, size, rng.integers(1, 4))
             label = np.ones((size, size), np.uint8)
-            for _ in range(rng.integers(1, 4)):
-                j, colour = rng.integers(len(digits.target)), rng.integers(len(INK_COLOURS))
-                side = int(rng.integers(3 * size // 8, size // 2 + 1))   # 24-32 px on a 64 px canvas
-                glyph = np.asarray(Image.fromarray((digits.images[j] * 255 / 16).astype(np.uint8))
-                                   .resize((side, side), Image.BILINEAR)) / 255.0
-                top, left = rng.integers(0, size - side, 2)
-                ink = glyph > 0.4
-                patch = rgb[top:top + side, left:left + side]
-                patch[ink] = glyph[ink, None] * INK_COLOURS[colour]
-                label[top:top + side, left:left + side][ink] = 2 + colour
+            for mask, colour in instances:
+                label[mask] = 2 + colour
             name = f"ADE_{'train' if split == 'training' else 'val'}_{k:08d}"
-            Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(os.path.join(root, "images", split, name + ".jpg"),
-                                                                    quality=95)
+            Image.fromarray(rgb).save(os.path.join(root, "images", split, name + ".jpg"), quality=95)
             Image.fromarray(label).save(os.path.join(root, "annotations", split, name + ".png"))
     return root
 
@@ -575,7 +568,7 @@ def main(argv=None):
 
     train_set = TrainCrops(ADESegmentation(args.data_path, "training", args.num_classes), args.crop, args.crop, args.seed)
     loader = DataLoader(train_set, batch_size=micro, num_workers=args.workers, pin_memory=device.type == "cuda",
-                        sampler=Draws(len(train_set), micro, args.rank, args.world, args.seed, start))
+                        sampler=train.Draws(len(train_set), micro, args.rank, args.world, args.seed, start))
     batches = iter(loader)
     metrics, t0 = {}, time.perf_counter()
     bar = tqdm(range(start, args.iters), initial=start, total=args.iters, disable=not args.is_main, desc="train")

@@ -356,6 +356,25 @@ class EpochOrder(Sampler):
         return len(self.inner) - self.start
 
 
+class Draws(Sampler):
+    """An endless stream of epochs, each a seeded permutation. Rank r takes draws
+    (i * world + r) * batch + j at iteration i, from iteration `start` on: resumable exactly."""
+
+    def __init__(self, n, batch, rank, world, seed, start=0):
+        self.n, self.batch, self.rank, self.world, self.seed, self.start = n, batch, rank, world, seed, start
+
+    def __iter__(self):
+        epoch, order = None, None
+        for i in range(self.start, 2**62):
+            for j in range(self.batch):
+                draw = (i * self.world + self.rank) * self.batch + j
+                if draw // self.n != epoch:
+                    epoch = draw // self.n
+                    order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                        derive_seed(self.seed, "order", epoch))).tolist()
+                yield draw, order[draw % self.n]
+
+
 class Shard(Sampler):
     """Every rank-th index, no padding: across ranks each image is evaluated exactly once."""
 

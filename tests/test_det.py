@@ -1,4 +1,7 @@
 """eval_det.py (in progress): the pyramid's strides and the cascade head on hand-made boxes."""
+import json
+import os
+
 import pytest
 import torch
 
@@ -114,3 +117,76 @@ def test_training_step_and_inference_at_several_patches():
         with torch.no_grad():
             (out,) = model([torch.rand(3, 70, 90)])
         assert out["masks"].shape[1:] == (1, 70, 90) and len(out["boxes"]) <= 100
+
+
+# --- COCO data and evaluation ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = det.write_digit_coco(str(tmp_path_factory.mktemp("coco")), n_train=6, n_val=10)
+    ann = os.path.join(root, "annotations", "instances_val2017.json")
+    return root, det.CocoInstances(os.path.join(root, "val2017"), ann)
+
+
+def test_coco_dataset_maps_categories_and_filters(coco, tmp_path):
+    root, _ = coco
+    data = json.load(open(os.path.join(root, "annotations", "instances_val2017.json")))
+    first = data["annotations"][0]
+    data["annotations"] += [  # a crowd region and a box with no area: both left out of training targets
+        dict(first, id=1000, iscrowd=1), dict(first, id=1001, bbox=[5.0, 5.0, 0.0, 3.0])]
+    ann = str(tmp_path / "instances.json")
+    json.dump(data, open(ann, "w"))
+    ds = det.CocoInstances(os.path.join(root, "val2017"), ann)
+    assert ds.category_ids == [1, 3, 7, 9] and ds.label_of == {1: 1, 3: 2, 7: 3, 9: 4}
+    assert (ds.crowd, ds.degenerate) == (1, 1)
+    image, target = ds[0]                     # every fifth image has no object
+    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 64, 64)
+    for i in range(len(ds)):
+        _, target = ds[i]
+        anns = [a for a in data["annotations"] if a["image_id"] == target["image_id"] and not a["iscrowd"]
+                and a["bbox"][2] > 0]
+        assert sorted(ds.category_ids[k - 1] for k in target["labels"].tolist()) == sorted(a["category_id"] for a in anns)
+        assert torch.all(target["boxes"][:, 2:] > target["boxes"][:, :2])
+        for box, mask in zip(target["boxes"], target["masks"]):   # each mask lies inside its box
+            ys, xs = torch.where(mask > 0)
+            assert xs.min() >= box[0] - 1 and xs.max() <= box[2] and ys.min() >= box[1] - 1 and ys.max() <= box[3]
+
+
+def test_results_writer_round_trips_through_pycocotools(coco):
+    _, ds = coco
+    outputs, image_ids = [], []
+    for i in range(len(ds)):   # the ground truth itself, as detections with score 1: AP must be 100
+        _, target = ds[i]
+        outputs.append(dict(boxes=target["boxes"], labels=target["labels"], scores=torch.ones(len(target["labels"])),
+                            masks=target["masks"][:, None].float()))
+        image_ids.append(target["image_id"])
+    results = det.to_coco_results(outputs, image_ids, ds.category_ids)
+    assert {r["category_id"] for r in results} <= {1, 3, 7, 9}
+    scores = det.coco_evaluate(ds.coco, results)
+    assert scores["bbox"]["AP"] == pytest.approx(100) and scores["segm"]["AP"] == pytest.approx(100)
+
+
+def test_evaluation_equals_pycocotools_and_rejects_unknown_ids(coco, tmp_path):
+    from pycocotools.cocoeval import COCOeval
+    _, ds = coco
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for image_id in ds.image_ids:   # a known, imperfect case: jittered GT boxes with random scores
+        for a in ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=image_id)):
+            jitter = (torch.rand(4, generator=gen) * 4 - 2).tolist()
+            score = torch.rand(1, generator=gen).item()
+            results.append(dict(image_id=image_id, category_id=a["category_id"], score=score,
+                                bbox=[v + j for v, j in zip(a["bbox"], jitter)]))
+    path = tmp_path / "results.json"
+    json.dump(results, open(path, "w"))
+    ours = det.coco_evaluate(ds.coco, det.load_results(str(path)), kinds=("bbox",))["bbox"]
+    reference = COCOeval(ds.coco, ds.coco.loadRes(str(path)), "bbox")
+    reference.evaluate()
+    reference.accumulate()
+    reference.summarize()
+    assert [ours[k] for k in det.STAT_NAMES] == pytest.approx([100 * v for v in reference.stats[:6]])
+    assert 0 < ours["AP"] < 100
+    with pytest.raises(ValueError, match=r"image ids \[999\]"):
+        det.coco_evaluate(ds.coco, [dict(results[0], image_id=999)])
+    with pytest.raises(ValueError, match=r"category ids \[2\]"):
+        det.coco_evaluate(ds.coco, [dict(results[0], category_id=2)])

@@ -1,8 +1,13 @@
 """COCO detection and instance segmentation: a Cascade Mask R-CNN on a plain pixelvit backbone (paper Table 3).
 
-Work in progress (issue 5): the detector (pyramid for any patch size, 3-stage cascade RoI head), the
-COCO dataset, the results writer and the pycocotools evaluation are done and tested; the torchrun
-command line (training, --eval-results, --visualize) follows.
+    python eval_det.py                      # a short demo on a tiny COCO-format set, CPU, 2 minutes
+    torchrun --nproc_per_node 8 eval_det.py --model adv_b --patch 4 --data-path COCO --finetune imagenet.pth
+    python eval_det.py --eval-only --resume runs/det_adv_b_p4/checkpoint.pth --model adv_b --patch 4 --data-path COCO
+    python eval_det.py --eval-results results.json --data-path COCO   # score a results file, no model
+
+The paper's recipe by default: AdamW lr 1e-4, weight decay 0.05, total batch 16, 12 epochs with the
+lr divided by 10 at epochs 8 and 11 after a 500-iteration linear warm-up (mmdet's 1x), short side 800
+and long side 1333, horizontal flips.
 
 The detector is torchvision's GeneralizedRCNN machinery (transform, RPN, anchors, RoIAlign, box and
 mask heads, mask losses) with what torchvision lacks written here:
@@ -13,15 +18,19 @@ mask heads, mask losses) with what torchvision lacks written here:
     scores averaged over the stages' softmax outputs, boxes from the last stage), one mask head as in
     detectron2's cascade, trained on the last stage's positives.
 """
+import argparse
 import json
+import math
 import os
 from collections import OrderedDict
 from functools import partial
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -33,7 +42,10 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
+from tqdm import tqdm
+
 import pixelvit as pv
+import train
 
 # ----------------------------------------------------------------------------------------------
 # COCO data and evaluation
@@ -160,7 +172,8 @@ def coco_evaluate(coco_gt, results, kinds=("bbox", "segm")):
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-        scores[kind] = {name: 100 * float(v) for name, v in zip(STAT_NAMES, evaluator.stats[:6])}
+        # pycocotools gives -1 where no object of that size exists: None (null in JSON)
+        scores[kind] = {name: 100 * float(v) if v >= 0 else None for name, v in zip(STAT_NAMES, evaluator.stats[:6])}
     return scores
 
 
@@ -350,5 +363,249 @@ def build_detector(backbone_model, num_classes, channels=256, min_size=800, max_
                                 post_nms_top_n=dict(training=2000, testing=1000), nms_thresh=0.7)
     heads = CascadeRoIHeads(channels, num_classes, rois_per_image=rois_per_image, conv_dims=(head_dims,) * 4,
                             fc_dim=fc_dim, mask_dims=(head_dims,) * 4)
-    transform = GeneralizedRCNNTransform(min_size, max_size, pv.IMAGENET_MEAN, pv.IMAGENET_STD, size_divisible=32)
+    # padded sizes must divide by 32 (the pyramid's coarsest level) and by the patch (64 for Table 3's top row)
+    transform = GeneralizedRCNNTransform(min_size, max_size, pv.IMAGENET_MEAN, pv.IMAGENET_STD,
+                                         size_divisible=max(32, backbone_model.patch_size))
     return GeneralizedRCNN(backbone, rpn, heads, transform)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Training samples asked for as (draw, index): the draw seeds the flip (exact resume, as in train.py)."""
+
+    def __init__(self, base, seed):
+        self.base, self.seed = base, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        draw, index = key
+        train.seed_everything(self.seed, "flip", draw)
+        return self.base[index]
+
+
+def collate(batch):
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_dense_task_args(p)
+    p.add_argument("--data-path", help="COCO folder: train2017/, val2017/, annotations/instances_{train,val}2017.json "
+                                       "(default: a demo set written to --output)")
+    p.add_argument("--ann-file", help="validation annotations (default: DATA/annotations/instances_val2017.json)")
+    p.add_argument("--img-dir", help="validation images (default: DATA/val2017)")
+    p.add_argument("--min-size", type=int, default=800, help="short side (the paper: 800)")
+    p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--channels", type=int, default=256, help="pyramid and head width")
+    p.add_argument("--head-dims", type=int, default=256)
+    p.add_argument("--fc-dim", type=int, default=1024)
+    p.add_argument("--rois-per-image", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--lr-steps", type=int, nargs="*", default=[8, 11], help="epochs where lr drops 10x")
+    p.add_argument("--max-iters", type=int, help="stop after this many iterations (short runs)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-iters", type=int, default=500)
+    p.add_argument("--resume", help="detection checkpoint (default: OUTPUT/checkpoint.pth if present)")
+    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--eval-results", help="evaluate an existing COCO results file; no model is run")
+    p.add_argument("--save-predictions", help="write the COCO results file (test-dev format) here")
+    p.add_argument("--visualize", type=int, default=0, help="draw boxes and masks on N validation images")
+    p.add_argument("--save-every", type=int, default=2000)
+    p.add_argument("--output", help="default: runs/det_<model>_p<patch>")
+    args = p.parse_args(argv)
+    if args.data_path is None and not args.eval_results:  # the demo: 64 px scenes, a small detector
+        demo = dict(min_size=64, max_size=64, channels=32, head_dims=32, fc_dim=128, rois_per_image=64, epochs=8,
+                    lr_steps=[6, 7], batch_size=4, lr=3e-4, warmup_iters=50, embed_dim=64, depth=4, d_state=16,
+                    patch=4, drop_path=0.0)
+        defaults = vars(p.parse_args([]))
+        for key, value in demo.items():
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
+    args.output = args.output or os.path.join("runs", f"det_{args.model}_p{args.patch}")
+    return args
+
+
+def lr_factor(it, args):
+    """mmdet's 1x schedule: linear warm-up from 0.001, then x0.1 at each of --lr-steps (in epochs)."""
+    warm = min(1.0, 0.001 + (1 - 0.001) * it / max(args.warmup_iters, 1))
+    return warm * 0.1 ** sum(it >= step * args.iters_per_epoch for step in args.lr_steps)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, args, device):
+    """COCO box and mask AP of the model on the validation set, gathered from all ranks to rank 0."""
+    detector = train.unwrap(model).eval()
+    outputs, image_ids = [], []
+    for i in tqdm(range(args.rank, len(dataset), args.world), desc="eval", leave=False, disable=not args.is_main):
+        image, target = dataset[i]
+        with train.autocast(args, device):
+            (out,) = detector([image.to(device)])
+        outputs.append({k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()})
+        image_ids.append(target["image_id"])
+        if i < args.visualize:
+            draw_detections(image, out, dataset, os.path.join(args.output, "visualize", f"{target['image_id']}.png"))
+    results = to_coco_results(outputs, image_ids, dataset.category_ids)
+    if dist.is_initialized():
+        gathered = [None] * args.world
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    if not args.is_main:
+        return {}
+    if args.save_predictions:
+        with open(args.save_predictions, "w") as f:
+            json.dump(results, f)
+    return coco_evaluate(dataset.coco, results)
+
+
+@torch.no_grad()
+def validation_loss(model, dataset, args, device):
+    """The training objective on the validation set (the paper's Figure 1 "test loss"): losses in
+    training mode, with the backbone in eval mode (no drop path), seeded RoI sampling, no gradients."""
+    detector = train.unwrap(model).train()
+    detector.backbone.body.eval()
+    total = 0.0
+    for i in range(args.rank, len(dataset), args.world):
+        image, target = dataset[i]
+        train.seed_everything(args.seed, "val", i)
+        with train.autocast(args, device):
+            losses = detector([image.to(device)], [{k: v.to(device) if torch.is_tensor(v) else v
+                                                   for k, v in target.items()}])
+        total += float(sum(losses.values()))
+    total, count = train.all_reduce([total, len(range(args.rank, len(dataset), args.world))], device)
+    detector.eval()
+    return total / max(count, 1)
+
+
+def draw_detections(image, out, dataset, path, score_thresh=0.5):
+    from PIL import Image
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    keep = out["scores"] > score_thresh
+    canvas = (image * 255).byte()
+    if keep.any():
+        canvas = draw_segmentation_masks(canvas, out["masks"][keep, 0].cpu() > 0.5, alpha=0.4)
+        names = dataset.coco.loadCats([dataset.category_ids[k - 1] for k in out["labels"][keep].tolist()])
+        canvas = draw_bounding_boxes(canvas, out["boxes"][keep].cpu(), [n["name"] for n in names], width=1)
+    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)
+
+
+def report(scores, args, extra=None):
+    """Print the AP table and write OUTPUT/results.json (and a line of OUTPUT/log.jsonl)."""
+    print(f"{'':6s}" + "".join(f"{name:>8s}" for name in STAT_NAMES))
+    for kind, row in scores.items():
+        print(f"{kind:6s}" + "".join(f"{row[name]:8.2f}" if row[name] is not None else f"{'n/a':>8s}"
+                                     for name in STAT_NAMES))
+    summary = dict(**{f"{kind}_{k}": v for kind, row in scores.items() for k, v in row.items()}, **(extra or {}))
+    with open(os.path.join(args.output, "log.jsonl"), "a") as f:
+        f.write(json.dumps(summary) + "\n")
+    with open(os.path.join(args.output, "results.json"), "w") as f:
+        json.dump(dict(summary, args=train.jsonable(args)), f, indent=1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.output, exist_ok=True)
+    if args.eval_results:  # no model: score an existing results file
+        if not (args.ann_file or args.data_path):
+            raise SystemExit("--eval-results needs the annotations: --ann-file FILE or --data-path COCO")
+        ann = args.ann_file or os.path.join(args.data_path, "annotations", "instances_val2017.json")
+        from pycocotools.coco import COCO
+        try:
+            scores = coco_evaluate(COCO(ann), load_results(args.eval_results))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        args.rank, args.world = 0, 1
+        report(scores, args)
+        return scores
+
+    device = train.setup_run(args)
+    if args.data_path is None:
+        train.prepare_demo_data(args, write_digit_coco)
+    val_set = CocoInstances(args.img_dir or os.path.join(args.data_path, "val2017"),
+                            args.ann_file or os.path.join(args.data_path, "annotations", "instances_val2017.json"))
+
+    train.seed_everything(args.seed, "init")
+    body = train.dense_backbone(args, args.min_size)
+    model = build_detector(body, len(val_set.category_ids), args.channels, args.min_size, args.max_size,
+                           args.rois_per_image, head_dims=args.head_dims, fc_dim=args.fc_dim).to(device)
+    latest = os.path.join(args.output, "checkpoint.pth")
+    resume = args.resume or (latest if os.path.exists(latest) else None)
+    if args.eval_only:
+        if not resume:
+            raise SystemExit("--eval-only needs --resume CHECKPOINT")
+        model.load_state_dict(torch.load(resume, map_location="cpu", weights_only=True)["model"])
+        scores = evaluate(model, val_set, args, device)
+        if args.is_main:
+            report(scores, args)
+        return scores
+
+    train_base = CocoInstances(os.path.join(args.data_path, "train2017"),
+                               os.path.join(args.data_path, "annotations", "instances_train2017.json"), flip=True)
+    if args.is_main and (train_base.crowd or train_base.degenerate):
+        print(f"training set: {train_base.crowd} crowd regions ignored, {train_base.degenerate} boxes without area dropped")
+    if args.batch_size % args.world:
+        raise SystemExit(f"--batch-size {args.batch_size} must divide by the {args.world} processes")
+    micro = args.batch_size // args.world
+    args.iters_per_epoch = math.ceil(len(train_base) / args.batch_size)
+    total = min(args.epochs * args.iters_per_epoch, args.max_iters or float("inf"))
+    if args.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    detector = train.unwrap(model)
+    groups = train.param_groups(detector.backbone.body, args.weight_decay, 1.0)
+    rest = [p for n, p in detector.named_parameters() if not n.startswith("backbone.body.")]
+    groups += [dict(params=[p for p in rest if p.ndim > 1], weight_decay=args.weight_decay, lr_scale=1.0),
+               dict(params=[p for p in rest if p.ndim <= 1], weight_decay=0.0, lr_scale=1.0)]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    start = 0
+    if resume:
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        detector.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start = ckpt["iter"]
+    loader = DataLoader(TrainImages(train_base, args.seed), batch_size=micro, collate_fn=collate,
+                        num_workers=args.workers, sampler=train.Draws(len(train_base), micro, args.rank, args.world,
+                                                                      args.seed, start))
+    batches, scores = iter(loader), {}
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not args.is_main, desc="train")
+    for it in bar:
+        model.train()
+        images, targets = next(batches)
+        images = [image.to(device) for image in images]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        train.seed_everything(args.seed, "step", it, args.rank)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * lr_factor(it, args) * group["lr_scale"]
+        with train.autocast(args, device):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        (scaler.scale(loss) if scaler else loss).backward()
+        train.optimizer_step(model, optimizer, scaler)
+        done = it + 1
+        if it % args.log_every == 0 or done == total:
+            train.check_finite(loss.detach(), f"iteration {it}", args)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{args.lr * lr_factor(it, args):.2e}")
+        if done % args.save_every == 0 or done == total:
+            if args.is_main:
+                train.save_checkpoint(latest, dict(model=detector.state_dict(), optimizer=optimizer.state_dict(),
+                                                   iter=done, args=train.jsonable(args)))
+        if done % (args.iters_per_epoch * 4) == 0 or done == total:  # evaluate every 4 epochs and at the end
+            scores = evaluate(model, val_set, args, device)
+            val_loss = validation_loss(model, val_set, args, device)
+            if args.is_main:
+                report(scores, args, dict(iter=done, epoch=done / args.iters_per_epoch, train_loss=loss.item(),
+                                          val_loss=val_loss))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return scores
+
+
+if __name__ == "__main__":
+    main()

@@ -423,14 +423,9 @@ def write_digit_scenes(root, n_train=160, n_val=20, size=64, seed=0):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="adv_t")
-    p.add_argument("--patch", type=int, default=16)
+    train.add_dense_task_args(p)
     p.add_argument("--head", choices=["linear", "upernet"], default="linear")
     p.add_argument("--upernet-channels", type=int, help=f"default: {UPERNET_CHANNELS} by width, else 256")
-    p.add_argument("--embed-dim", type=int)
-    p.add_argument("--depth", type=int)
-    p.add_argument("--d-state", type=int)
-    p.add_argument("--num-heads", type=int)
     p.add_argument("--data-path", help="ADEChallengeData2016 folder (default: a demo folder written to --output)")
     p.add_argument("--num-classes", type=int, help=f"default {ADE_CLASSES} (5 for the demo)")
     p.add_argument("--crop", type=int, default=512, help="training crop and test short side (mmseg: 512)")
@@ -442,9 +437,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--layer-decay", type=float, default=1.0)
     p.add_argument("--warmup-iters", type=int, default=1500)
-    p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--aux-weight", type=float, default=0.4)
-    p.add_argument("--finetune", help="backbone weights (an ImageNet checkpoint; resampled across res/patch)")
     p.add_argument("--resume", help="segmentation checkpoint (default: OUTPUT/checkpoint.pth if present)")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--eval-every", type=int, default=16_000)
@@ -452,11 +445,6 @@ def parse_args(argv=None):
     p.add_argument("--save-predictions", help="write one PNG label map per validation image here")
     p.add_argument("--visualize", type=int, default=0, help="write N image | truth | prediction overlays")
     p.add_argument("--output", default=None, help="default: runs/seg_<model>_p<patch>_<head>")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"])
-    p.add_argument("--grad-ckpt", action="store_true")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=20)
     args = p.parse_args(argv)
     if args.data_path is None:  # the demo: small images, few classes, a few hundred iterations
         demo = dict(crop=64, stride=43, iters=400, batch_size=8, lr=1e-3, warmup_iters=40, eval_every=400,
@@ -480,15 +468,7 @@ def lr_at(it, args):
 
 
 def build(args, device):
-    overrides = {k: getattr(args, k) for k in ("embed_dim", "depth", "d_state", "num_heads") if getattr(args, k)}
-    backbone = pv.create_model(args.model, patch=args.patch, res=args.crop, num_classes=0,
-                               drop_path=args.drop_path, **overrides)
-    if args.finetune:
-        try:
-            pv.load_checkpoint(backbone, args.finetune, strict=False)  # the classifier head is not needed
-        except (KeyError, ValueError) as e:
-            raise SystemExit(f"--finetune {args.finetune}: {e}") from None
-    backbone.set_grad_checkpointing(args.grad_ckpt)
+    backbone = train.dense_backbone(args, args.crop)
     model = Segmenter(backbone, args.head, args.num_classes, args.upernet_channels).to(device)
     if args.world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -497,17 +477,10 @@ def build(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.rank, args.world, device = train.setup_distributed()
-    args.is_main = args.rank == 0
-    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
-    args.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    device = train.setup_run(args)
     os.makedirs(args.output, exist_ok=True)
     if args.data_path is None:
-        args.data_path = os.path.join(args.output, "demo_data")
-        if args.is_main and not os.path.isdir(args.data_path):
-            write_digit_scenes(args.data_path)
-        if dist.is_initialized():
-            dist.barrier()
+        train.prepare_demo_data(args, write_digit_scenes)
     val_set = ADESegmentation(args.data_path, "validation", args.num_classes)
     train.seed_everything(args.seed, "init")
     model = build(args, device)

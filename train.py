@@ -187,6 +187,24 @@ def setup_distributed():
     return rank, world, torch.device("cpu")
 
 
+def setup_run(args):
+    """Distributed set-up and precision on args (rank, world, is_main, amp, amp_dtype); returns the device."""
+    args.rank, args.world, device = setup_distributed()
+    args.is_main = args.rank == 0
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    args.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    return device
+
+
+def prepare_demo_data(args, write):
+    """Point --data-path at OUTPUT/demo_data, written once by rank 0 while the other ranks wait."""
+    args.data_path = os.path.join(args.output, "demo_data")
+    if args.is_main and not os.path.isdir(args.data_path):
+        write(args.data_path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def derive_seed(*keys):
     """A 63-bit seed from any tuple of ints: independent streams for each (seed, epoch, ...)."""
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
@@ -429,6 +447,36 @@ def build_model(args):
                                drop_path=args.drop_path, extend=args.extend, **overrides)
     except ValueError as e:
         raise SystemExit(f"cannot build the model: {e}") from None
+
+
+def add_dense_task_args(p):
+    """The flags that the dense tasks (eval_seg.py, eval_det.py) share: backbone, weights, precision, run."""
+    p.add_argument("--model", default="adv_t")
+    p.add_argument("--patch", type=int, default=16)
+    for name in ("embed-dim", "depth", "d-state", "num-heads"):
+        p.add_argument(f"--{name}", type=int, help="override the backbone's size (small custom models)")
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--finetune", help="backbone weights (an ImageNet checkpoint; resampled across res/patch)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 on GPU, off on CPU")
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=20)
+
+
+def dense_backbone(args, res):
+    """A backbone without classifier for a dense task, initialised from --finetune (resampled to this
+    patch size and resolution; the ImageNet head is not needed)."""
+    overrides = {k: getattr(args, k) for k in ("embed_dim", "depth", "d_state", "num_heads") if getattr(args, k)}
+    model = pv.create_model(args.model, patch=args.patch, res=res, num_classes=0, drop_path=args.drop_path,
+                            **overrides)
+    if args.finetune:
+        try:
+            pv.load_checkpoint(model, args.finetune, strict=False)
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"--finetune {args.finetune}: {e}") from None
+    model.set_grad_checkpointing(args.grad_ckpt)
+    return model
 
 
 def param_groups(model, weight_decay, layer_decay):
@@ -740,10 +788,8 @@ def benchmark(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
-    args.rank, args.world, args.is_main, args.warned_skip = rank, world, rank == 0, False
-    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
-    args.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    device = setup_run(args)
+    rank, world, args.warned_skip = args.rank, args.world, False
     if args.benchmark:
         return benchmark(args, device)
     if args.fsdp and not dist.is_initialized():

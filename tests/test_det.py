@@ -237,3 +237,20 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path):
     a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)["model"]
     b = torch.load(os.path.join(killed, "checkpoint.pth"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_run_gathers_every_rank_detections(tmp_path):
+    data = det.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=5)   # 5 images: 3 + 2 over 2 ranks
+    out = str(tmp_path / "ddp")
+    run_script("eval_det.py", CLI + ["--data-path", data, "--output", out, "--max-iters", "3",
+                                     "--save-predictions", str(tmp_path / "ddp.json")], tmp_path, nproc=2)
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["args"]["world"] == 2
+    # one process evaluating the same checkpoint finds the same detections and the same AP
+    run_script("eval_det.py", CLI + ["--data-path", data, "--output", str(tmp_path / "one"), "--eval-only", "--resume",
+                                     os.path.join(out, "checkpoint.pth"), "--save-predictions", str(tmp_path / "one.json")],
+               tmp_path)
+    single = json.load(open(tmp_path / "one" / "results.json"))
+    ddp_preds, one_preds = (json.load(open(tmp_path / name)) for name in ("ddp.json", "one.json"))
+    assert sorted(p["image_id"] for p in ddp_preds) == sorted(p["image_id"] for p in one_preds)
+    assert single["bbox_AP"] == pytest.approx(results["bbox_AP"]) and single["segm_AP"] == pytest.approx(results["segm_AP"])

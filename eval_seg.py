@@ -354,7 +354,8 @@ def evaluate(model, dataset, args, device, save_dir=None, visualize=0):
     return dict(**metric.compute(), val_loss=loss / max(pixels, 1), val_images=len(dataset))
 
 
-def palette(num_classes, seed=0):
+def palette(seed=0):
+    """A fixed random colour for every label value 0..255; the ignore label is black."""
     colors = np.random.default_rng(seed).integers(0, 255, (256, 3), dtype=np.uint8)
     colors[IGNORE] = 0
     return colors
@@ -364,7 +365,7 @@ def save_overlay(image, label, pred, path):
     """image | ground truth | prediction, labels blended over the image."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rgb = image.permute(1, 2, 0).numpy().astype(np.float32)
-    colors = palette(256)
+    colors = palette()
     panels = [rgb] + [0.5 * rgb + 0.5 * colors[x.numpy().clip(0, 255)] for x in (label, pred)]
     Image.fromarray(np.concatenate(panels, 1).astype(np.uint8)).save(path)
 

@@ -875,6 +875,26 @@ def load_checkpoint(model, checkpoint, strict=True, use_ema=False):
     return missing, unexpected
 
 
+
+def infer_model_args(checkpoint):
+    """The `create_model` arguments that fit a checkpoint (path or dict), read off its shapes:
+    name (by width and depth), patch (tokenizer kernel), res (pos_embed grid x patch), num_classes.
+
+    A checkpoint trained with extend > 1 reads as res x extend; pass res yourself for those."""
+    source = checkpoint if isinstance(checkpoint, dict) else _read_checkpoint(checkpoint)
+    state = _state_dict_of(source, use_ema=False)
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        raise ValueError("expected a DeiT or Adventurer state dict with patch_embed.proj.weight and pos_embed")
+    arch, prefix = ("adventurer", "layers.") if any(k.startswith("layers.") for k in state) else ("deit", "blocks.")
+    width, _, patch, _ = state["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith(prefix))
+    names = [n for n, c in MODEL_CONFIGS.items() if (c["arch"], c["embed_dim"], c["depth"]) == (arch, width, depth)]
+    if not names:
+        raise ValueError(f"no {arch} model in Table 7 has width {width} and depth {depth}")
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    head = state.get("head.weight")
+    return dict(name=names[0], patch=patch, res=grid * patch, num_classes=0 if head is None else head.shape[0])
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build a model and run one forward pass.")
     parser.add_argument("model", nargs="?", default="adv_t", help=f"one of {list_models()} or an alias")

@@ -894,7 +894,9 @@ def main(argv=None):
             with open(log_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         save(epoch + 1, 0, best, also_best=improved)
-    if args.is_main:
+    if args.is_main and not metrics:  # resumed at the end: the run finished before, keep its results
+        print(f"{args.output} already finished {args.epochs} epochs; its results.json stands")
+    elif args.is_main:
         results = dict(metrics, best_top1=best, params=n_params, args=jsonable(args))
         with open(os.path.join(args.output, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
@@ -912,6 +914,23 @@ def keep_log_lines(path, before, key="epoch"):
         with open(path, "w") as f:
             f.writelines(lines)
 
+
+
+def read_results(root):
+    """Every results.json under `root` (from train.py, eval_seg.py or eval_det.py), each with
+    its folder under "run"; the notebooks put these next to the paper's numbers."""
+    found = []
+    for dirpath, _, files in sorted(os.walk(root)):
+        if "results.json" in files:
+            with open(os.path.join(dirpath, "results.json")) as f:
+                found.append(dict(json.load(f), run=dirpath))
+    return found
+
+
+def fit_power_law(x, y):
+    """The least-squares line through (log x, log y): y ~= a * x**k. Returns (a, k)."""
+    k, log_a = np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)
+    return float(np.exp(log_a)), float(k)
 
 def jsonable(args):
     """The run's arguments as plain JSON values (checkpoints load with weights_only=True)."""

@@ -166,3 +166,18 @@ def test_checkpoint_of_another_family_names_the_keys():
 def test_checkpoint_of_another_size_names_the_shapes():
     with pytest.raises(ValueError, match=r"layers\.0\.mixer\.in_proj\.weight: checkpoint \(\d+, 96\)"):
         pv.load_checkpoint(tiny("adv_t"), tiny("adv_t", embed_dim=96).state_dict())
+
+
+@pytest.mark.parametrize("name,patch,res,classes", [("adv_s", 8, 64, 10), ("deit_t", 4, 32, 0), ("adv_b", 16, 48, 1000)])
+def test_model_arguments_are_read_off_a_checkpoint(tmp_path, name, patch, res, classes):
+    with torch.device("meta"):
+        model = pv.create_model(name, patch=patch, res=res, num_classes=classes)
+    state = {k: torch.empty(v.shape) for k, v in model.state_dict().items()}
+    torch.save({"model": state}, tmp_path / "w.pth")
+    assert pv.infer_model_args(str(tmp_path / "w.pth")) == dict(name=name, patch=patch, res=res, num_classes=classes)
+
+
+def test_model_arguments_of_an_unknown_size_name_width_and_depth():
+    state = tiny("adv_t", embed_dim=48).state_dict()
+    with pytest.raises(ValueError, match="width 48 and depth"):
+        pv.infer_model_args(state)

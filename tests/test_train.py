@@ -69,6 +69,15 @@ def test_lr_schedule_by_hand():
     assert train.lr_at(1000, args) == pytest.approx(1e-5)
 
 
+def test_power_law_fit_recovers_a_hand_made_law():
+    x = np.array([1, 2, 4, 8, 16])
+    assert train.fit_power_law(x, 3.0 * x ** -0.5) == pytest.approx((3.0, -0.5))
+    # the paper's Adventurer-B/224 error (100 - top-1) falls with the patch size: a positive exponent
+    acc = PAPER["table1"]["rows"][4]["acc"]
+    _, k = train.fit_power_law([int(p) for p in acc], [100 - a for a in acc.values()])
+    assert 0 < k < 0.2
+
+
 def test_param_groups_follow_the_official_rule():
     model = pv.create_model("adv_t", depth=4, embed_dim=32, d_state=16)
     groups = train.param_groups(model, weight_decay=0.05, layer_decay=0.5)
@@ -192,6 +201,12 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
     log = [json.loads(line)["epoch"] for line in open(os.path.join(killed, "log.jsonl"))]
     assert log == [0, 1, 2]
+    # running a finished run again (as the notebooks do) trains nothing and keeps its results
+    before = open(os.path.join(killed, "results.json")).read()
+    run(common + ["--output", killed], tmp_path)
+    assert open(os.path.join(killed, "results.json")).read() == before
+    assert [entry["run"] for entry in train.read_results(tmp_path)] == [str(tmp_path / "killed"),
+                                                                        str(tmp_path / "straight")]
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path):

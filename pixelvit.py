@@ -875,7 +875,6 @@ def load_checkpoint(model, checkpoint, strict=True, use_ema=False):
     return missing, unexpected
 
 
-
 def infer_model_args(checkpoint):
     """The `create_model` arguments that fit a checkpoint (path or dict), read off its shapes:
     name (by width and depth), patch (tokenizer kernel), res (pos_embed grid x patch), num_classes.
@@ -888,12 +887,14 @@ def infer_model_args(checkpoint):
     arch, prefix = ("adventurer", "layers.") if any(k.startswith("layers.") for k in state) else ("deit", "blocks.")
     width, _, patch, _ = state["patch_embed.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith(prefix))
-    names = [n for n, c in MODEL_CONFIGS.items() if (c["arch"], c["embed_dim"], c["depth"]) == (arch, width, depth)]
-    if not names:
+    name = next((n for n, c in MODEL_CONFIGS.items() if (c["arch"], c["embed_dim"], c["depth"]) == (arch, width, depth)),
+                None)
+    if name is None:
         raise ValueError(f"no {arch} model in Table 7 has width {width} and depth {depth}")
     grid = math.isqrt(state["pos_embed"].shape[1] - 1)
     head = state.get("head.weight")
-    return dict(name=names[0], patch=patch, res=grid * patch, num_classes=0 if head is None else head.shape[0])
+    return dict(name=name, patch=patch, res=grid * patch, num_classes=0 if head is None else head.shape[0])
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build a model and run one forward pass.")

@@ -9,14 +9,19 @@ The paper's recipe by default: AdamW lr 1e-4, weight decay 0.05, total batch 16,
 lr divided by 10 at epochs 8 and 11 after a 500-iteration linear warm-up (mmdet's 1x), short side 800
 and long side 1333, horizontal flips.
 
-The detector is torchvision's GeneralizedRCNN machinery (transform, RPN, anchors, RoIAlign, box and
-mask heads, mask losses) with what torchvision lacks written here:
+The detector follows mmdet's `configs/cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py` (the 1x
+schedule the paper's 12 epochs are), built on torchvision's GeneralizedRCNN machinery (transform, RPN,
+anchors), with what torchvision lacks written here:
   * `SimpleFeaturePyramid`: ViTDet's pyramid generalised to a stride-p backbone, strides 4..64 for any p.
-  * `CascadeRoIHeads`: Cai & Vasconcelos' cascade with mmdet's training rules (re-assign and re-sample
-    at every stage, IoU 0.5 / 0.6 / 0.7, box-coder weights (10,10,5,5) / (20,20,10,10) / (30,30,15,15),
-    class-agnostic regression, stage loss weights 1 / 0.5 / 0.25) and detectron2's test rule (class
-    scores averaged over the stages' softmax outputs, boxes from the last stage), one mask head as in
-    detectron2's cascade, trained on the last stage's positives.
+  * `RoIPool`: multi-level RoIAlign with aligned=True and adaptive sampling (mmcv's RoIAlign,
+    detectron2's ROIAlignV2); torchvision's MultiScaleRoIAlign hard-codes aligned=False.
+  * `CascadeRoIHeads`: mmdet's CascadeRoIHead: three stages at IoU 0.5 / 0.6 / 0.7, box-coder weights
+    (10,10,5,5) / (20,20,10,10) / (30,30,15,15), class-agnostic regression, re-assignment and
+    re-sampling at every stage, stage loss weights 1 / 0.5 / 0.25, smooth-L1 (beta 1) box loss over the
+    sampled RoIs, one mask head per stage; at test, class logits averaged over the stages, boxes from
+    the last stage, masks averaged over the three mask heads.
+  * `paste_mask`: detectron2's / mmdet's mask pasting (bilinear grid sampling of the 28 x 28 mask onto
+    the real-valued box), one mask at a time, RLE-encoded as soon as it is pasted.
 """
 import argparse
 import json
@@ -30,22 +35,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import maskrcnn_inference, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
-
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
 from tqdm import tqdm
 
+import engine
 import pixelvit as pv
-import train
 
 # ----------------------------------------------------------------------------------------------
 # COCO data and evaluation
@@ -54,14 +56,18 @@ import train
 class CocoInstances(torch.utils.data.Dataset):
     """COCO instances: (image in [0, 1], target) with boxes (x1, y1, x2, y2), contiguous labels 1..K,
     uint8 masks and the image id. Category ids with gaps map to 1..K in sorted order and back
-    (`category_ids`). Crowd regions and boxes with no area are left out, and counted."""
+    (`category_ids`). Crowd regions and boxes with no area are left out of the targets, and counted.
+    For training (`train=True`), images without any annotation are left out, as mmdet's
+    filter_empty_gt and detectron2's FILTER_EMPTY_ANNOTATIONS do, and horizontal flips are drawn."""
 
-    def __init__(self, img_dir, ann_file, flip=False):
+    def __init__(self, img_dir, ann_file, train=False):
         from pycocotools.coco import COCO
         if not os.path.isfile(ann_file) or not os.path.isdir(img_dir):
             raise SystemExit(f"expected COCO images in {img_dir} and annotations in {ann_file}")
-        self.coco, self.img_dir, self.flip = COCO(ann_file), img_dir, flip
+        self.coco, self.img_dir, self.flip = COCO(ann_file), img_dir, train
         self.image_ids = sorted(self.coco.getImgIds())
+        if train:
+            self.image_ids = [i for i in self.image_ids if self.coco.getAnnIds(imgIds=i)]
         self.category_ids = sorted(self.coco.getCatIds())  # label k is category_ids[k - 1]
         self.label_of = {c: k + 1 for k, c in enumerate(self.category_ids)}
         anns = self.coco.loadAnns(self.coco.getAnnIds())
@@ -97,21 +103,41 @@ class CocoInstances(torch.utils.data.Dataset):
         return image, target
 
 
-def to_coco_results(outputs, image_ids, category_ids, mask_threshold=0.5):
-    """Detections in the COCO results format (the test-dev submission format): xywh boxes, scores,
-    the original category ids and RLE-encoded masks."""
+def paste_mask(probs, box, height, width, threshold=0.5):
+    """One M x M mask of probabilities pasted into a height x width image at the real-valued box
+    (x1, y1, x2, y2), as detectron2's and mmdet's `_do_paste_mask` do: each pixel centre inside or
+    next to the box is mapped into the mask and sampled bilinearly (zero outside), then thresholded
+    (>= 0.5). Returns a Fortran-ordered uint8 array, ready for RLE encoding."""
+    full = np.zeros((height, width), dtype=np.uint8, order="F")
+    x1, y1, x2, y2 = box.tolist()
+    if not (x2 > x1 and y2 > y1):
+        return full
+    left, top = max(math.floor(x1) - 1, 0), max(math.floor(y1) - 1, 0)
+    right, bottom = min(math.ceil(x2) + 1, width), min(math.ceil(y2) + 1, height)
+    if right <= left or bottom <= top:
+        return full
+    xs = (torch.arange(left, right, dtype=torch.float32) + 0.5 - x1) / (x2 - x1) * 2 - 1
+    ys = (torch.arange(top, bottom, dtype=torch.float32) + 0.5 - y1) / (y2 - y1) * 2 - 1
+    grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)     # [h, w, (x, y)]
+    sampled = F.grid_sample(probs.float()[None, None], grid[None], align_corners=False)[0, 0]
+    full[top:bottom, left:right] = (sampled >= threshold).numpy()
+    return full
+
+
+def to_coco_results(out, image_id, category_ids, image_size):
+    """One image's detections in the COCO results format (the test-dev submission format): xywh
+    boxes, scores, the original category ids and, when the detector gives masks, RLE-encoded masks,
+    pasted one at a time so that memory does not grow with the number of detections."""
     import pycocotools.mask as mask_util
     results = []
-    for out, image_id in zip(outputs, image_ids):
-        boxes = out["boxes"].tolist()
-        masks = (out["masks"][:, 0] > mask_threshold).cpu().numpy() if "masks" in out else None
-        for k, (box, score, label) in enumerate(zip(boxes, out["scores"].tolist(), out["labels"].tolist())):
-            entry = dict(image_id=int(image_id), category_id=category_ids[label - 1], score=float(score),
-                         bbox=[box[0], box[1], box[2] - box[0], box[3] - box[1]])
-            if masks is not None:
-                rle = mask_util.encode(np.asfortranarray(masks[k].astype(np.uint8)))
-                entry["segmentation"] = dict(size=rle["size"], counts=rle["counts"].decode("ascii"))
-            results.append(entry)
+    for k, (box, score, label) in enumerate(zip(out["boxes"], out["scores"].tolist(), out["labels"].tolist())):
+        x1, y1, x2, y2 = box.tolist()
+        entry = dict(image_id=int(image_id), category_id=category_ids[label - 1], score=float(score),
+                     bbox=[x1, y1, x2 - x1, y2 - y1])
+        if "mask_probs" in out:
+            rle = mask_util.encode(paste_mask(out["mask_probs"][k], box, *image_size))
+            entry["segmentation"] = dict(size=rle["size"], counts=rle["counts"].decode("ascii"))
+        results.append(entry)
     return results
 
 
@@ -154,8 +180,19 @@ def write_digit_coco(root, n_train=120, n_val=20, size=64, seed=0):
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
-def coco_evaluate(coco_gt, results, kinds=("bbox", "segm")):
-    """pycocotools' COCOeval on a list of results; {kind: {AP, AP50, AP75, APs, APm, APl}} in %."""
+def result_kinds(results):
+    """The kinds of evaluation a results list supports: "bbox" if every entry has a box, "segm" if
+    every entry has a segmentation (a segm-only file is a standard COCO results format)."""
+    return [kind for kind, key in (("bbox", "bbox"), ("segm", "segmentation")) if results and all(key in r for r in results)]
+
+
+def coco_evaluate(coco_gt, results, kinds=None):
+    """pycocotools' COCOeval on a list of results; {kind: {AP, AP50, AP75, APs, APm, APl}} in %.
+
+    Each kind is scored on its own copy of the results, because `loadRes` adds fields to the dicts it
+    is given. For "segm" the boxes are dropped first, as detectron2's COCOEvaluator does: `loadRes`
+    otherwise takes each detection's area from its box, not its mask, and APs/m/l sort detections
+    into the wrong size ranges."""
     from pycocotools.cocoeval import COCOeval
     known_images, known_categories = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
     unknown_images = sorted({r["image_id"] for r in results} - known_images)
@@ -164,11 +201,13 @@ def coco_evaluate(coco_gt, results, kinds=("bbox", "segm")):
         raise ValueError(f"results refer to image ids {unknown_images[:5]} and category ids {unknown_categories[:5]} "
                          f"that the annotations do not have")
     scores = {}
-    for kind in kinds:
-        if not results or (kind == "segm" and "segmentation" not in results[0]):
+    for kind in kinds or result_kinds(results):
+        drop = {"bbox"} if kind == "segm" else set()
+        own = [{k: v for k, v in r.items() if k not in drop} for r in results]
+        if not own:
             scores[kind] = dict.fromkeys(STAT_NAMES, 0.0)
             continue
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), kind)
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(own), kind)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -180,8 +219,12 @@ def coco_evaluate(coco_gt, results, kinds=("bbox", "segm")):
 def load_results(path):
     with open(path) as f:
         results = json.load(f)
-    if not isinstance(results, list) or any(not {"image_id", "category_id", "score"} <= set(r) for r in results):
-        raise ValueError(f"{path}: expected a COCO results list of dicts with image_id, category_id, score, bbox")
+    if not isinstance(results, list) or any(not isinstance(r, dict) or not {"image_id", "category_id", "score"} <= set(r)
+                                            for r in results):
+        raise ValueError(f"{path}: expected a COCO results list of dicts with image_id, category_id, score, "
+                         f"and bbox or segmentation")
+    if results and not result_kinds(results):
+        raise ValueError(f"{path}: expected every result to have a bbox, or every result a segmentation")
     return results
 
 # ----------------------------------------------------------------------------------------------
@@ -232,13 +275,44 @@ class PyramidBackbone(nn.Module):
         return self.fpn(self.body.forward_dense(images))
 
 
+
 # ----------------------------------------------------------------------------------------------
 # Cascade RoI heads
 
 
+class RoIPool(nn.Module):
+    """Multi-level RoIAlign as mmdet's SingleRoIExtractor does it: each box is pooled from level
+    k = floor(log2(sqrt(area) / 56)), clamped to the levels (the FPN paper's rule, canonical box 224 at
+    stride 16), by RoIAlign with aligned=True (pixel centres at +0.5) and adaptive sampling
+    (sampling_ratio 0): mmcv's RoIAlign defaults, detectron2's ROIAlignV2."""
+
+    def __init__(self, output_size, strides=(4, 8, 16, 32), finest_scale=56):
+        super().__init__()
+        self.output_size, self.strides, self.finest_scale = output_size, strides, finest_scale
+
+    def forward(self, features, boxes):  # features: the pyramid's levels, boxes: one [n_i, 4] per image
+        maps = list(features.values())[:len(self.strides)]
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        if len(rois) == 0:
+            return maps[0].new_zeros(0, maps[0].shape[1], self.output_size, self.output_size)
+        scale = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).clamp(min=0).sqrt()
+        level = torch.floor(torch.log2(scale / self.finest_scale + 1e-6)).clamp(0, len(maps) - 1).long()
+        order, pooled = [], []
+        for k, (feature, stride) in enumerate(zip(maps, self.strides)):
+            index = torch.where(level == k)[0]
+            order.append(index)
+            pooled.append(roi_align(feature, rois[index].to(feature.dtype), self.output_size, spatial_scale=1 / stride,
+                                    sampling_ratio=0, aligned=True))
+        pooled = torch.cat(pooled)
+        out = torch.empty_like(pooled)
+        out[torch.cat(order)] = pooled
+        return out
+
+
 def match(proposals, gt_boxes, gt_labels, iou_threshold):
     """Label each proposal with its best-overlapping ground truth at IoU >= threshold, else background
-    (0). Images without objects make every proposal background (torchvision's Matcher would raise)."""
+    (0) (mmdet's MaxIoUAssigner with pos = neg threshold). Images without objects make every proposal
+    background (torchvision's Matcher would raise)."""
     if gt_boxes.numel() == 0:
         nothing = torch.zeros(len(proposals), dtype=torch.long, device=proposals.device)
         return nothing, proposals.new_zeros(len(proposals), 4), nothing
@@ -247,11 +321,25 @@ def match(proposals, gt_boxes, gt_labels, iou_threshold):
     return labels, gt_boxes[best], best
 
 
-class CascadeRoIHeads(nn.Module):
-    """Three box stages of rising IoU, each refining the previous stage's boxes, and a mask head.
+def box_regression_loss(deltas, targets, num_sampled):
+    """mmdet's cascade box loss: smooth-L1 with beta 1.0, summed over the positives' deltas and
+    divided by the number of sampled RoIs (positives and negatives)."""
+    return F.smooth_l1_loss(deltas, targets, beta=1.0, reduction="sum") / max(num_sampled, 1)
 
-    Plugs into torchvision's GeneralizedRCNN in place of its RoIHeads. Labels are 1..K, 0 is background.
-    """
+
+def mask_targets(boxes, gt_masks, matched, size):
+    """mmdet's mask_target: each positive box's ground-truth mask cropped and resized to size x size
+    by RoIAlign (aligned, adaptive sampling), binarised at 0.5."""
+    rois = torch.cat([matched[:, None].to(boxes.dtype), boxes], dim=1)
+    return (roi_align(gt_masks[:, None].float(), rois, size, 1.0, sampling_ratio=0, aligned=True)[:, 0] >= 0.5).float()
+
+
+class CascadeRoIHeads(nn.Module):
+    """Three box stages of rising IoU, each refining the previous stage's boxes, each with a mask head.
+
+    Plugs into torchvision's GeneralizedRCNN in place of its RoIHeads. Labels are 1..K, 0 is
+    background. In inference each image's result holds boxes, scores, labels and `mask_probs`
+    [n, M, M] (the stages' mask probabilities averaged); `paste_mask` places them in the image."""
 
     def __init__(self, channels, num_classes, stage_ious=(0.5, 0.6, 0.7), stage_weights=(1.0, 0.5, 0.25),
                  coder_weights=((10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)), rois_per_image=512,
@@ -262,21 +350,27 @@ class CascadeRoIHeads(nn.Module):
         self.coders = [det_utils.BoxCoder(w) for w in coder_weights]
         self.sampler = det_utils.BalancedPositiveNegativeSampler(rois_per_image, positive_fraction)
         self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
-        levels = ["0", "1", "2", "3"]
-        self.box_pool = MultiScaleRoIAlign(levels, 7, sampling_ratio=2)
-        self.mask_pool = MultiScaleRoIAlign(levels, 14, sampling_ratio=2)
-        norm = partial(nn.GroupNorm, 32)  # mmdet's "4conv1fc with GN" box head
+        self.box_pool, self.mask_pool = RoIPool(7), RoIPool(14)
+        norm = partial(nn.GroupNorm, 32)  # 4conv1fc box heads with GN (mmdet's gn-all heads)
+        stages = range(len(stage_ious))
         self.box_heads = nn.ModuleList(FastRCNNConvFCHead((channels, 7, 7), list(conv_dims), [fc_dim], norm_layer=norm)
-                                       for _ in stage_ious)
-        self.classifiers = nn.ModuleList(nn.Linear(fc_dim, num_classes + 1) for _ in stage_ious)
-        self.regressors = nn.ModuleList(nn.Linear(fc_dim, 4) for _ in stage_ious)  # class-agnostic
-        self.mask_head = MaskRCNNHeads(channels, list(mask_dims), 1, norm_layer=norm)
-        self.mask_predictor = MaskRCNNPredictor(mask_dims[-1], mask_dims[-1], num_classes + 1)
+                                       for _ in stages)
+        self.classifiers = nn.ModuleList(nn.Linear(fc_dim, num_classes + 1) for _ in stages)
+        self.regressors = nn.ModuleList(nn.Linear(fc_dim, 4) for _ in stages)  # class-agnostic
+        # mmdet's FCNMaskHead per stage: 4 x (3x3 conv + ReLU), 2x deconv, one mask per class (1..K)
+        self.mask_heads = nn.ModuleList(nn.Sequential(MaskRCNNHeads(channels, list(mask_dims), 1),
+                                                      MaskRCNNPredictor(mask_dims[-1], mask_dims[-1], num_classes))
+                                        for _ in stages)
 
-    def stage(self, t, features, boxes, image_shapes):
+    def stage(self, t, features, boxes):
         """Class logits and box deltas of stage t for lists of boxes."""
-        x = self.box_heads[t](self.box_pool(features, boxes, image_shapes))
+        x = self.box_heads[t](self.box_pool(features, boxes))
         return self.classifiers[t](x), self.regressors[t](x)
+
+    def mask_logits(self, t, features, boxes, labels):
+        """Stage t's mask logits [n, M, M] for the boxes, each for its own class."""
+        logits = self.mask_heads[t](self.mask_pool(features, boxes))
+        return logits[torch.arange(len(logits), device=logits.device), torch.cat(labels) - 1]
 
     def refine(self, t, deltas, boxes, image_shapes):
         """Stage t's boxes, decoded, clipped to the image and detached: the next stage's input."""
@@ -284,67 +378,71 @@ class CascadeRoIHeads(nn.Module):
         return [clip_boxes_to_image(b, shape) for b, shape in zip(decoded.split([len(b) for b in boxes]), image_shapes)]
 
     def sample(self, t, boxes, targets):
-        """Add the ground truth to the boxes, label them at stage t's IoU and draw the RoIs to train on."""
+        """Add the ground truth to the boxes, label them at stage t's IoU and draw the RoIs to train on.
+        Returns per image: RoIs, labels, matched ground-truth boxes and indices, and which RoIs are the
+        added ground truth."""
+        is_gt = [torch.arange(len(b) + len(tgt["boxes"]), device=b.device) >= len(b) for b, tgt in zip(boxes, targets)]
         boxes = [torch.cat([b, tgt["boxes"]]) for b, tgt in zip(boxes, targets)]
         assigned = [match(b, tgt["boxes"], tgt["labels"], self.stage_ious[t]) for b, tgt in zip(boxes, targets)]
         positives, negatives = self.sampler([labels for labels, _, _ in assigned])
         keep = [torch.where(pos | neg)[0] for pos, neg in zip(positives, negatives)]
-        return ([b[k] for b, k in zip(boxes, keep)], *[[a[i][k] for a, k in zip(assigned, keep)] for i in range(3)])
+        picked = [[a[i][k] for a, k in zip(assigned, keep)] for i in range(3)]
+        return [b[k] for b, k in zip(boxes, keep)], *picked, [g[k] for g, k in zip(is_gt, keep)]
 
     def forward(self, features, proposals, image_shapes, targets=None):
-        return self.train_forward(features, proposals, image_shapes, targets) if self.training else \
+        return self.losses(features, proposals, image_shapes, targets) if self.training else \
             (self.detect(features, proposals, image_shapes), {})
 
-    def train_forward(self, features, proposals, image_shapes, targets):
+    def losses(self, features, proposals, image_shapes, targets):
         losses, boxes = {}, proposals
         for t, weight in enumerate(self.stage_weights):
-            boxes, labels, matched_boxes, matched_idx = self.sample(t, boxes, targets)
-            logits, deltas = self.stage(t, features, boxes, image_shapes)
+            boxes, labels, matched_boxes, matched, is_gt = self.sample(t, boxes, targets)
+            logits, deltas = self.stage(t, features, boxes)
             labels_all, rois = torch.cat(labels), torch.cat(boxes)
             positive = labels_all > 0
             regression = self.coders[t].encode_single(torch.cat(matched_boxes)[positive], rois[positive])
-            box_loss = F.smooth_l1_loss(deltas[positive], regression, beta=1 / 9, reduction="sum")
             losses[f"loss_classifier_s{t}"] = weight * F.cross_entropy(logits, labels_all)
-            losses[f"loss_box_reg_s{t}"] = weight * box_loss / max(labels_all.numel(), 1)
-            if t == len(self.stage_weights) - 1:  # the mask head learns from the last stage's positives
-                pos = [lab > 0 for lab in labels]
-                mask_logits = self.mask_predictor(self.mask_head(self.mask_pool(
-                    features, [b[p] for b, p in zip(boxes, pos)], image_shapes)))
-                if positive.any():
-                    losses["loss_mask"] = maskrcnn_loss(
-                        mask_logits, [b[p] for b, p in zip(boxes, pos)], [tgt["masks"] for tgt in targets],
-                        [lab[p] for lab, p in zip(labels, pos)], [m[p] for m, p in zip(matched_idx, pos)])
-                else:  # no positives (images without objects): zero, but keep the graph for DDP
-                    losses["loss_mask"] = mask_logits.sum() * 0
-            boxes = self.refine(t, deltas, boxes, image_shapes)
-            boxes = [b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])] for b in boxes]  # drop collapsed boxes
+            losses[f"loss_box_reg_s{t}"] = weight * box_regression_loss(deltas[positive], regression, len(labels_all))
+            losses[f"loss_mask_s{t}"] = weight * self.mask_loss(t, features, boxes, labels, matched, targets)
+            # the next stage starts from this stage's refined RoIs, less the ground truth added here
+            boxes = [b[~g] for b, g in zip(self.refine(t, deltas, boxes, image_shapes), is_gt)]
         return [], losses
+
+    def mask_loss(self, t, features, boxes, labels, matched, targets):
+        """Binary cross-entropy of stage t's masks on its positive RoIs, averaged over their pixels."""
+        pos = [lab > 0 for lab in labels]
+        pos_boxes, pos_labels = [b[p] for b, p in zip(boxes, pos)], [lab[p] for lab, p in zip(labels, pos)]
+        if not any(len(lab) for lab in pos_labels):  # no positives: zero, but keep the graph for DDP
+            return sum(p.sum() for p in self.mask_heads[t].parameters()) * 0
+        logits = self.mask_logits(t, features, pos_boxes, pos_labels)
+        target = torch.cat([mask_targets(b, tgt["masks"], m[p], logits.shape[-1])
+                            for b, tgt, m, p in zip(pos_boxes, targets, matched, pos)])
+        return F.binary_cross_entropy_with_logits(logits.float(), target)
 
     @torch.no_grad()
     def detect(self, features, proposals, image_shapes):
-        boxes, probabilities = proposals, []
+        boxes, stage_logits = proposals, []
         for t in range(len(self.stage_weights)):
-            logits, deltas = self.stage(t, features, boxes, image_shapes)
-            probabilities.append(F.softmax(logits, -1))
-            boxes = self.refine(t, deltas, boxes, image_shapes)
-        scores = torch.stack(probabilities).mean(0)[:, 1:]  # mean over stages, background dropped
+            logits, deltas = self.stage(t, features, boxes)
+            stage_logits.append(logits.float())
+            if t < len(self.stage_weights) - 1:
+                boxes = self.refine(t, deltas, boxes, image_shapes)
+        # mmdet's test rule: the stages' logits averaged, then softmax; boxes from the last stage
+        scores = torch.stack(stage_logits).mean(0).softmax(-1)[:, 1:]
+        boxes = self.refine(len(self.stage_weights) - 1, deltas, boxes, image_shapes)
         results = []
         for b, s in zip(boxes, scores.split([len(b) for b in boxes])):
             k = s.shape[1]
             b, s = b[:, None].expand(-1, k, 4).reshape(-1, 4), s.reshape(-1)
             labels = torch.arange(1, k + 1, device=s.device).repeat(len(s) // k)
             keep = torch.where(s > self.score_thresh)[0]
-            keep = keep[remove_small_boxes(b[keep], 1e-2)]
             keep = keep[batched_nms(b[keep], s[keep], labels[keep], self.nms_thresh)][: self.detections_per_image]
             results.append(dict(boxes=b[keep], scores=s[keep], labels=labels[keep]))
-        if results and sum(len(r["boxes"]) for r in results):
-            mask_logits = self.mask_predictor(self.mask_head(self.mask_pool(
-                features, [r["boxes"] for r in results], image_shapes)))
-            for r, m in zip(results, maskrcnn_inference(mask_logits, [r["labels"] for r in results])):
-                r["masks"] = m
-        else:
-            for r in results:
-                r["masks"] = r["boxes"].new_zeros(0, 1, 28, 28)
+        final_boxes, final_labels = [r["boxes"] for r in results], [r["labels"] for r in results]
+        probs = torch.stack([self.mask_logits(t, features, final_boxes, final_labels).float().sigmoid()
+                             for t in range(len(self.stage_weights))]).mean(0)
+        for r, p in zip(results, probs.split([len(b) for b in final_boxes])):
+            r["mask_probs"] = p
         return results
 
 
@@ -357,7 +455,7 @@ def build_detector(backbone_model, num_classes, channels=256, min_size=800, max_
     """Cascade Mask R-CNN on a pixelvit backbone, at the paper's input size (short side 800, long 1333)."""
     backbone = PyramidBackbone(backbone_model, channels)
     anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-    rpn = RegionProposalNetwork(anchors, RPNHead(channels, 3, conv_depth=2), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+    rpn = RegionProposalNetwork(anchors, RPNHead(channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
                                 batch_size_per_image=rpn_batch, positive_fraction=0.5,
                                 pre_nms_top_n=dict(training=2000, testing=1000),
                                 post_nms_top_n=dict(training=2000, testing=1000), nms_thresh=0.7)
@@ -369,12 +467,19 @@ def build_detector(backbone_model, num_classes, channels=256, min_size=800, max_
     return GeneralizedRCNN(backbone, rpn, heads, transform)
 
 
+def build(args, num_classes, device):
+    """The detector that the flags describe, its backbone from --finetune."""
+    body = engine.dense_backbone(args, args.min_size)
+    return build_detector(body, num_classes, args.channels, args.min_size, args.max_size, args.rois_per_image,
+                          head_dims=args.head_dims, fc_dim=args.fc_dim).to(device)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation
 
 
 class TrainImages(torch.utils.data.Dataset):
-    """Training samples asked for as (draw, index): the draw seeds the flip (exact resume, as in train.py)."""
+    """Training samples asked for as (draw, index): the draw seeds the flip (exact resume)."""
 
     def __init__(self, base, seed):
         self.base, self.seed = base, seed
@@ -384,7 +489,7 @@ class TrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         draw, index = key
-        train.seed_everything(self.seed, "flip", draw)
+        engine.seed_everything(self.seed, "flip", draw)
         return self.base[index]
 
 
@@ -392,93 +497,63 @@ def collate(batch):
     return [image for image, _ in batch], [target for _, target in batch]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_dense_task_args(p)
-    p.add_argument("--data-path", help="COCO folder: train2017/, val2017/, annotations/instances_{train,val}2017.json "
-                                       "(default: a demo set written to --output)")
-    p.add_argument("--ann-file", help="validation annotations (default: DATA/annotations/instances_val2017.json)")
-    p.add_argument("--img-dir", help="validation images (default: DATA/val2017)")
-    p.add_argument("--min-size", type=int, default=800, help="short side (the paper: 800)")
-    p.add_argument("--max-size", type=int, default=1333)
-    p.add_argument("--channels", type=int, default=256, help="pyramid and head width")
-    p.add_argument("--head-dims", type=int, default=256)
-    p.add_argument("--fc-dim", type=int, default=1024)
-    p.add_argument("--rois-per-image", type=int, default=512)
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--lr-steps", type=int, nargs="*", default=[8, 11], help="epochs where lr drops 10x")
-    p.add_argument("--max-iters", type=int, help="stop after this many iterations (short runs)")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-iters", type=int, default=500)
-    p.add_argument("--resume", help="detection checkpoint (default: OUTPUT/checkpoint.pth if present)")
-    p.add_argument("--eval-only", action="store_true")
-    p.add_argument("--eval-results", help="evaluate an existing COCO results file; no model is run")
-    p.add_argument("--save-predictions", help="write the COCO results file (test-dev format) here")
-    p.add_argument("--visualize", type=int, default=0, help="draw boxes and masks on N validation images")
-    p.add_argument("--save-every", type=int, default=2000)
-    p.add_argument("--output", help="default: runs/det_<model>_p<patch>")
-    args = p.parse_args(argv)
-    if args.data_path is None and not args.eval_results:  # the demo: 64 px scenes, a small detector
-        demo = dict(min_size=64, max_size=64, channels=32, head_dims=32, fc_dim=128, rois_per_image=64, epochs=8,
-                    lr_steps=[6, 7], batch_size=4, lr=3e-4, warmup_iters=50, embed_dim=64, depth=4, d_state=16,
-                    patch=4, drop_path=0.0)
-        defaults = vars(p.parse_args([]))
-        for key, value in demo.items():
-            if getattr(args, key) == defaults[key]:
-                setattr(args, key, value)
-    args.output = args.output or os.path.join("runs", f"det_{args.model}_p{args.patch}")
-    return args
+def to_device(targets, device):
+    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
 
 
-def lr_factor(it, args):
+def detection_loss(model, batch, device):
+    images, targets = batch
+    return sum(model([image.to(device) for image in images], to_device(targets, device)).values())
+
+
+def lr_factor(it, args, iters_per_epoch):
     """mmdet's 1x schedule: linear warm-up from 0.001, then x0.1 at each of --lr-steps (in epochs)."""
     warm = min(1.0, 0.001 + (1 - 0.001) * it / max(args.warmup_iters, 1))
-    return warm * 0.1 ** sum(it >= step * args.iters_per_epoch for step in args.lr_steps)
+    return warm * 0.1 ** sum(it >= step * iters_per_epoch for step in args.lr_steps)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, args, device):
-    """COCO box and mask AP of the model on the validation set, gathered from all ranks to rank 0."""
-    detector = train.unwrap(model).eval()
-    outputs, image_ids = [], []
-    for i in tqdm(range(args.rank, len(dataset), args.world), desc="eval", leave=False, disable=not args.is_main):
+def evaluate(model, dataset, args, run):
+    """COCO box and mask AP on the validation set, each image's detections encoded as soon as they
+    are made, gathered from all ranks to rank 0; with the validation loss."""
+    detector = engine.unwrap(model).eval()
+    results = []
+    for i in tqdm(range(run.rank, len(dataset), run.world), desc="eval", leave=False, disable=not run.is_main):
         image, target = dataset[i]
-        with train.autocast(args, device):
-            (out,) = detector([image.to(device)])
-        outputs.append({k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()})
-        image_ids.append(target["image_id"])
+        with run.autocast():
+            (out,) = detector([image.to(run.device)])
+        out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
+        results += to_coco_results(out, target["image_id"], dataset.category_ids, image.shape[-2:])
         if i < args.visualize:
             draw_detections(image, out, dataset, os.path.join(args.output, "visualize", f"{target['image_id']}.png"))
-    results = to_coco_results(outputs, image_ids, dataset.category_ids)
+    val_loss = validation_loss(model, dataset, args, run)
     if dist.is_initialized():
-        gathered = [None] * args.world
+        gathered = [None] * run.world
         dist.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
-    if not args.is_main:
+    if not run.is_main:
         return {}
     if args.save_predictions:
         with open(args.save_predictions, "w") as f:
             json.dump(results, f)
-    return coco_evaluate(dataset.coco, results)
+    scores = coco_evaluate(dataset.coco, results, kinds=("bbox", "segm"))
+    print_scores(scores)
+    return dict(**flatten(scores), val_loss=val_loss)
 
 
 @torch.no_grad()
-def validation_loss(model, dataset, args, device):
+def validation_loss(model, dataset, args, run):
     """The training objective on the validation set (the paper's Figure 1 "test loss"): losses in
     training mode, with the backbone in eval mode (no drop path), seeded RoI sampling, no gradients."""
-    detector = train.unwrap(model).train()
+    detector = engine.unwrap(model).train()
     detector.backbone.body.eval()
-    total = 0.0
-    for i in range(args.rank, len(dataset), args.world):
+    total, indices = 0.0, range(run.rank, len(dataset), run.world)
+    for i in indices:
         image, target = dataset[i]
-        train.seed_everything(args.seed, "val", i)
-        with train.autocast(args, device):
-            losses = detector([image.to(device)], [{k: v.to(device) if torch.is_tensor(v) else v
-                                                   for k, v in target.items()}])
-        total += float(sum(losses.values()))
-    total, count = train.all_reduce([total, len(range(args.rank, len(dataset), args.world))], device)
+        engine.seed_everything(args.seed, "val", i)
+        with run.autocast():
+            total += float(sum(detector([image.to(run.device)], to_device([target], run.device)).values()))
+    total, count = engine.all_reduce([total, len(indices)], run.device)
     detector.eval()
     return total / max(count, 1)
 
@@ -487,124 +562,118 @@ def draw_detections(image, out, dataset, path, score_thresh=0.5):
     from PIL import Image
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    keep = out["scores"] > score_thresh
+    keep = torch.where(out["scores"] > score_thresh)[0]
     canvas = (image * 255).byte()
-    if keep.any():
-        canvas = draw_segmentation_masks(canvas, out["masks"][keep, 0].cpu() > 0.5, alpha=0.4)
+    if len(keep):
+        masks = np.stack([paste_mask(out["mask_probs"][k], out["boxes"][k], *image.shape[-2:]) for k in keep.tolist()])
+        canvas = draw_segmentation_masks(canvas, torch.from_numpy(masks).bool(), alpha=0.4)
         names = dataset.coco.loadCats([dataset.category_ids[k - 1] for k in out["labels"][keep].tolist()])
-        canvas = draw_bounding_boxes(canvas, out["boxes"][keep].cpu(), [n["name"] for n in names], width=1)
+        canvas = draw_bounding_boxes(canvas, out["boxes"][keep], [n["name"] for n in names], width=1)
     Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)
 
 
-def report(scores, args, extra=None):
-    """Print the AP table and write OUTPUT/results.json (and a line of OUTPUT/log.jsonl)."""
+def flatten(scores):
+    return {f"{kind}_{name}": v for kind, row in scores.items() for name, v in row.items()}
+
+
+def print_scores(scores):
     print(f"{'':6s}" + "".join(f"{name:>8s}" for name in STAT_NAMES))
     for kind, row in scores.items():
         print(f"{kind:6s}" + "".join(f"{row[name]:8.2f}" if row[name] is not None else f"{'n/a':>8s}"
                                      for name in STAT_NAMES))
-    summary = dict(**{f"{kind}_{k}": v for kind, row in scores.items() for k, v in row.items()}, **(extra or {}))
-    with open(os.path.join(args.output, "log.jsonl"), "a") as f:
-        f.write(json.dumps(summary) + "\n")
-    with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump(dict(summary, args=train.jsonable(args)), f, indent=1)
+
+
+DEMO = dict(min_size=64, max_size=64, channels=32, head_dims=32, fc_dim=128, rois_per_image=64, epochs=8,
+            lr_steps=[6, 7], batch_size=4, lr=3e-4, warmup_iters=50, embed_dim=64, depth=4, d_state=16, patch=4,
+            drop_path=0.0)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    engine.add_dense_task_args(p)
+    g = p.add_argument_group("detection")
+    g.add_argument("--data-path", help="COCO folder: train2017/, val2017/, annotations/instances_{train,val}2017.json "
+                                       "(default: a demo set written to --output)")
+    g.add_argument("--ann-file", help="validation annotations (default: DATA/annotations/instances_val2017.json)")
+    g.add_argument("--img-dir", help="validation images (default: DATA/val2017)")
+    g.add_argument("--min-size", type=int, default=800, help="short side (the paper: 800)")
+    g.add_argument("--max-size", type=int, default=1333, help="long side cap (the paper: 1333)")
+    g.add_argument("--channels", type=int, default=256, help="pyramid and RPN width")
+    g.add_argument("--head-dims", type=int, default=256, help="box and mask head convolution width")
+    g.add_argument("--fc-dim", type=int, default=1024, help="box head fully connected width")
+    g.add_argument("--rois-per-image", type=int, default=512, help="RoIs sampled per image and stage")
+    g = p.add_argument_group("schedule (the paper's recipe by default)")
+    g.add_argument("--epochs", type=int, default=12, help="training epochs")
+    g.add_argument("--lr-steps", type=int, nargs="*", default=[8, 11], help="epochs where the lr drops 10x")
+    g.add_argument("--max-iters", type=int, help="stop after this many iterations (short runs)")
+    g.add_argument("--batch-size", type=int, default=16, help="global batch")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    g.add_argument("--warmup-iters", type=int, default=500, help="linear warm-up from 0.001 x lr")
+    g.add_argument("--eval-every", type=int, default=4, help="evaluate every N epochs and at the end")
+    g.add_argument("--save-every", type=int, default=2000, help="checkpoint every N iterations and at the end")
+    g = engine.add_run_args(p, "run folder (default: runs/det_<model>_p<patch>)")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --resume's weights, no training")
+    g.add_argument("--eval-results", help="evaluate an existing COCO results file; no model is run")
+    g.add_argument("--save-predictions", help="write the COCO results file (test-dev format) here")
+    g.add_argument("--visualize", type=int, default=0, help="draw boxes and masks on N validation images")
+    args = engine.parse_with_demo(p, argv, DEMO, lambda a: a.data_path is None and not a.eval_results)
+    args.output = args.output or os.path.join("runs", f"det_{args.model}_p{args.patch}")
+    return args
+
+
+def score_results_file(args):
+    """--eval-results: pycocotools on a results file (boxes, masks or both), no model."""
+    if not (args.ann_file or args.data_path):
+        raise SystemExit("--eval-results needs the annotations: --ann-file FILE or --data-path COCO")
+    from pycocotools.coco import COCO
+    ann = args.ann_file or os.path.join(args.data_path, "annotations", "instances_val2017.json")
+    try:
+        scores = coco_evaluate(COCO(ann), load_results(args.eval_results))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    print_scores(scores)
+    return engine.report(engine.Run(), args, flatten(scores), results_file=args.eval_results)
 
 
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
-    if args.eval_results:  # no model: score an existing results file
-        if not (args.ann_file or args.data_path):
-            raise SystemExit("--eval-results needs the annotations: --ann-file FILE or --data-path COCO")
-        ann = args.ann_file or os.path.join(args.data_path, "annotations", "instances_val2017.json")
-        from pycocotools.coco import COCO
-        try:
-            scores = coco_evaluate(COCO(ann), load_results(args.eval_results))
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        args.rank, args.world = 0, 1
-        report(scores, args)
-        return scores
-
-    device = train.setup_run(args)
+    if args.eval_results:
+        return score_results_file(args)
+    run = engine.setup(args)
     if args.data_path is None:
-        train.prepare_demo_data(args, write_digit_coco)
+        engine.prepare_demo_data(run, args, write_digit_coco)
     val_set = CocoInstances(args.img_dir or os.path.join(args.data_path, "val2017"),
                             args.ann_file or os.path.join(args.data_path, "annotations", "instances_val2017.json"))
+    engine.seed_everything(args.seed, "init")
+    model = build(args, len(val_set.category_ids), run.device)
 
-    train.seed_everything(args.seed, "init")
-    body = train.dense_backbone(args, args.min_size)
-    model = build_detector(body, len(val_set.category_ids), args.channels, args.min_size, args.max_size,
-                           args.rois_per_image, head_dims=args.head_dims, fc_dim=args.fc_dim).to(device)
-    latest = os.path.join(args.output, "checkpoint.pth")
-    resume = args.resume or (latest if os.path.exists(latest) else None)
+    def validate(model, done):
+        return evaluate(model, val_set, args, run)
+
     if args.eval_only:
-        if not resume:
+        weights = engine.resume_path(args)
+        if not weights:
             raise SystemExit("--eval-only needs --resume CHECKPOINT")
-        model.load_state_dict(torch.load(resume, map_location="cpu", weights_only=True)["model"])
-        scores = evaluate(model, val_set, args, device)
-        if args.is_main:
-            report(scores, args)
-        return scores
-
-    train_base = CocoInstances(os.path.join(args.data_path, "train2017"),
-                               os.path.join(args.data_path, "annotations", "instances_train2017.json"), flip=True)
-    if args.is_main and (train_base.crowd or train_base.degenerate):
-        print(f"training set: {train_base.crowd} crowd regions ignored, {train_base.degenerate} boxes without area dropped")
-    if args.batch_size % args.world:
-        raise SystemExit(f"--batch-size {args.batch_size} must divide by the {args.world} processes")
-    micro = args.batch_size // args.world
-    args.iters_per_epoch = math.ceil(len(train_base) / args.batch_size)
-    total = min(args.epochs * args.iters_per_epoch, args.max_iters or float("inf"))
-    if args.world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    detector = train.unwrap(model)
-    groups = train.param_groups(detector.backbone.body, args.weight_decay, 1.0)
-    rest = [p for n, p in detector.named_parameters() if not n.startswith("backbone.body.")]
-    groups += [dict(params=[p for p in rest if p.ndim > 1], weight_decay=args.weight_decay, lr_scale=1.0),
-               dict(params=[p for p in rest if p.ndim <= 1], weight_decay=0.0, lr_scale=1.0)]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr)
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    start = 0
-    if resume:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        detector.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start = ckpt["iter"]
-    loader = DataLoader(TrainImages(train_base, args.seed), batch_size=micro, collate_fn=collate,
-                        num_workers=args.workers, sampler=train.Draws(len(train_base), micro, args.rank, args.world,
-                                                                      args.seed, start))
-    batches, scores = iter(loader), {}
-    bar = tqdm(range(start, total), initial=start, total=total, disable=not args.is_main, desc="train")
-    for it in bar:
-        model.train()
-        images, targets = next(batches)
-        images = [image.to(device) for image in images]
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        train.seed_everything(args.seed, "step", it, args.rank)
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * lr_factor(it, args) * group["lr_scale"]
-        with train.autocast(args, device):
-            losses = model(images, targets)
-        loss = sum(losses.values())
-        (scaler.scale(loss) if scaler else loss).backward()
-        train.optimizer_step(model, optimizer, scaler)
-        done = it + 1
-        if it % args.log_every == 0 or done == total:
-            train.check_finite(loss.detach(), f"iteration {it}", args)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{args.lr * lr_factor(it, args):.2e}")
-        if done % args.save_every == 0 or done == total:
-            if args.is_main:
-                train.save_checkpoint(latest, dict(model=detector.state_dict(), optimizer=optimizer.state_dict(),
-                                                   iter=done, args=train.jsonable(args)))
-        if done % (args.iters_per_epoch * 4) == 0 or done == total:  # evaluate every 4 epochs and at the end
-            scores = evaluate(model, val_set, args, device)
-            val_loss = validation_loss(model, val_set, args, device)
-            if args.is_main:
-                report(scores, args, dict(iter=done, epoch=done / args.iters_per_epoch, train_loss=loss.item(),
-                                          val_loss=val_loss))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return scores
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
+        metrics = engine.report(run, args, validate(engine.data_parallel(model, run), 0), iter=0, weights=weights)
+    else:
+        train_set = CocoInstances(os.path.join(args.data_path, "train2017"),
+                                  os.path.join(args.data_path, "annotations", "instances_train2017.json"), train=True)
+        if run.is_main and (train_set.crowd or train_set.degenerate):
+            print(f"training set: {train_set.crowd} crowd regions ignored, {train_set.degenerate} boxes without "
+                  f"area dropped")
+        iters_per_epoch = math.ceil(len(train_set) / args.batch_size)
+        total = min(args.epochs * iters_per_epoch, args.max_iters or float("inf"))
+        metrics = engine.train_iterations(
+            run, args, model,
+            engine.backbone_and_head_groups(model, model.backbone.body, args.weight_decay, args.layer_decay),
+            TrainImages(train_set, args.seed), lambda m, batch: detection_loss(m, batch, run.device),
+            lambda it: args.lr * lr_factor(it, args, iters_per_epoch), total, validate,
+            lambda done: done % (args.eval_every * iters_per_epoch) == 0, collate_fn=collate)
+    engine.finish()
+    return metrics
 
 
 if __name__ == "__main__":

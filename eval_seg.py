@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import time
 
 import numpy as np
 import torch
@@ -22,12 +21,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+import engine
 import pixelvit as pv
-import train
 
 IGNORE = 255
 ADE_CLASSES = 150
@@ -159,7 +158,7 @@ class TrainCrops(Dataset):
     def __getitem__(self, key):
         draw, index = key
         image, label, _ = self.base.read(index)
-        train.seed_everything(self.seed, "crop", draw)
+        engine.seed_everything(self.seed, "crop", draw)
         return train_pipeline(image, label, self.crop, self.short_side)
 
 
@@ -321,22 +320,22 @@ def predict_slide(model, image, patch, crop=512, stride=341):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, args, device, save_dir=None, visualize=0):
+def evaluate(model, dataset, args, run, save_dir=None, visualize=0):
     """mIoU / mAcc / aAcc and the validation loss over the whole set (each rank a strided share)."""
     model.eval()
-    segmenter = train.unwrap(model)
+    segmenter, device = engine.unwrap(model), run.device
     if dist.is_initialized():  # BatchNorm statistics drift apart per rank without SyncBN: use rank 0's,
         for buffer in segmenter.buffers():  # which are also the ones the checkpoint keeps
             dist.broadcast(buffer, 0)
     metric = SegMetric(dataset.num_classes, device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # summed CE, labelled pixels
-    indices = range(args.rank, len(dataset), args.world)
-    for i in tqdm(indices, desc="eval", leave=False, disable=not args.is_main):
+    indices = range(run.rank, len(dataset), run.world)
+    for i in tqdm(indices, desc="eval", leave=False, disable=not run.is_main):
         image, label, stem = dataset.read(i)
         resized = TF.resize(image, list(rescale_size(*label.shape, long_side=4 * args.crop, short_side=args.crop)),
                             interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
         x = normalize(resized)[None].to(device)
-        with train.autocast(args, device):
+        with run.autocast():
             logits = (predict_slide(segmenter, x, args.patch, args.crop, args.stride) if args.mode == "slide"
                       else predict_whole(segmenter, x, args.patch)).float()
         logits = F.interpolate(logits, label.shape, mode="bilinear", align_corners=False)
@@ -350,7 +349,7 @@ def evaluate(model, dataset, args, device, save_dir=None, visualize=0):
         if i < visualize:
             save_overlay(image, label.cpu(), pred.cpu(), os.path.join(args.output, "visualize", stem + ".png"))
     metric.reduce()
-    loss, pixels = train.all_reduce(loss_sum.tolist(), device)
+    loss, pixels = engine.all_reduce(loss_sum.tolist(), device)
     return dict(**metric.compute(), val_loss=loss / max(pixels, 1), val_images=len(dataset))
 
 
@@ -422,39 +421,37 @@ def write_digit_scenes(root, n_train=160, n_val=20, size=64, seed=0):
 # ----------------------------------------------------------------------------------------------
 
 
+DEMO = dict(crop=64, stride=43, iters=400, batch_size=8, lr=1e-3, warmup_iters=40, eval_every=400, embed_dim=64,
+            depth=4, d_state=16, num_classes=5, patch=4, drop_path=0.0)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_dense_task_args(p)
-    p.add_argument("--head", choices=["linear", "upernet"], default="linear")
-    p.add_argument("--upernet-channels", type=int, help=f"default: {UPERNET_CHANNELS} by width, else 256")
-    p.add_argument("--data-path", help="ADEChallengeData2016 folder (default: a demo folder written to --output)")
-    p.add_argument("--num-classes", type=int, help=f"default {ADE_CLASSES} (5 for the demo)")
-    p.add_argument("--crop", type=int, default=512, help="training crop and test short side (mmseg: 512)")
-    p.add_argument("--mode", choices=["slide", "whole"], default="slide")
-    p.add_argument("--stride", type=int, default=341, help="sliding-window stride")
-    p.add_argument("--iters", type=int, default=160_000)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--layer-decay", type=float, default=1.0)
-    p.add_argument("--warmup-iters", type=int, default=1500)
-    p.add_argument("--aux-weight", type=float, default=0.4)
-    p.add_argument("--resume", help="segmentation checkpoint (default: OUTPUT/checkpoint.pth if present)")
-    p.add_argument("--eval-only", action="store_true")
-    p.add_argument("--eval-every", type=int, default=16_000)
-    p.add_argument("--save-every", type=int, default=2_000)
-    p.add_argument("--save-predictions", help="write one PNG label map per validation image here")
-    p.add_argument("--visualize", type=int, default=0, help="write N image | truth | prediction overlays")
-    p.add_argument("--output", default=None, help="default: runs/seg_<model>_p<patch>_<head>")
-    args = p.parse_args(argv)
-    if args.data_path is None:  # the demo: small images, few classes, a few hundred iterations
-        demo = dict(crop=64, stride=43, iters=400, batch_size=8, lr=1e-3, warmup_iters=40, eval_every=400,
-                    embed_dim=64, depth=4, d_state=16, num_classes=5, patch=4, drop_path=0.0)
-        defaults = vars(p.parse_args([]))
-        for key, value in demo.items():
-            if getattr(args, key) == defaults[key]:
-                setattr(args, key, value)
-    args.num_classes = args.num_classes or ADE_CLASSES
+    engine.add_dense_task_args(p)
+    g = p.add_argument_group("segmentation")
+    g.add_argument("--head", choices=["linear", "upernet"], default="linear",
+                   help="the paper's decoder-free linear head, or UperNet with an auxiliary FCN")
+    g.add_argument("--upernet-channels", type=int, help=f"UperNet width (default: {UPERNET_CHANNELS} by "
+                                                        f"backbone width, else 256)")
+    g.add_argument("--data-path", help="ADEChallengeData2016 folder (default: a demo folder written to --output)")
+    g.add_argument("--num-classes", type=int, default=ADE_CLASSES, help="classes in the annotations (ADE20k: 150)")
+    g.add_argument("--crop", type=int, default=512, help="training crop and test short side (mmseg: 512)")
+    g.add_argument("--mode", choices=["slide", "whole"], default="slide", help="test-time inference")
+    g.add_argument("--stride", type=int, default=341, help="sliding-window stride (BEiT/Vim: 341)")
+    g = p.add_argument_group("schedule (the paper's recipe by default)")
+    g.add_argument("--iters", type=int, default=160_000, help="training iterations")
+    g.add_argument("--batch-size", type=int, default=16, help="global batch")
+    g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--warmup-iters", type=int, default=1500, help="linear warm-up from 1e-6 x lr")
+    g.add_argument("--aux-weight", type=float, default=0.4, help="UperNet's auxiliary FCN loss weight")
+    g.add_argument("--eval-every", type=int, default=16_000, help="evaluate every N iterations and at the end")
+    g.add_argument("--save-every", type=int, default=2_000, help="checkpoint every N iterations and at the end")
+    g = engine.add_run_args(p, "run folder (default: runs/seg_<model>_p<patch>_<head>)")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --resume's weights, no training")
+    g.add_argument("--save-predictions", help="write one PNG label map per validation image here")
+    g.add_argument("--visualize", type=int, default=0, help="write N image | truth | prediction overlays")
+    args = engine.parse_with_demo(p, argv, DEMO, lambda a: a.data_path is None)
     if args.crop % args.patch:
         p.error(f"--crop {args.crop} must be a multiple of --patch {args.patch}")
     args.output = args.output or os.path.join("runs", f"seg_{args.model}_p{args.patch}_{args.head}")
@@ -468,113 +465,67 @@ def lr_at(it, args):
     return args.lr * (1 - (it - args.warmup_iters) / max(1, args.iters - args.warmup_iters))
 
 
-def build(args, device):
-    backbone = train.dense_backbone(args, args.crop)
-    model = Segmenter(backbone, args.head, args.num_classes, args.upernet_channels).to(device)
-    if args.world > 1 and device.type == "cuda":
+def build(args, run):
+    backbone = engine.dense_backbone(args, args.crop)
+    model = Segmenter(backbone, args.head, args.num_classes, args.upernet_channels).to(run.device)
+    if run.world > 1 and run.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
 
+def segmentation_loss(model, batch, aux_weight):
+    images, labels = (t.to(next(model.parameters()).device, non_blocking=True) for t in batch)
+    logits, aux = model(images)
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+    if aux is not None:
+        loss = loss + aux_weight * F.cross_entropy(aux.float(), labels, ignore_index=IGNORE)
+    return loss
+
+
+def print_top_classes(metrics, class_names, count=10):
+    table = sorted(zip(class_names, metrics["per_class_iou"]), key=lambda t: -np.nan_to_num(t[1]))
+    print("\n".join(f"  {name:24s} {iou:6.2f}" for name, iou in table[:count] if not math.isnan(iou)))
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    device = train.setup_run(args)
+    run = engine.setup(args)
     os.makedirs(args.output, exist_ok=True)
     if args.data_path is None:
-        train.prepare_demo_data(args, write_digit_scenes)
+        engine.prepare_demo_data(run, args, write_digit_scenes)
     val_set = ADESegmentation(args.data_path, "validation", args.num_classes)
-    train.seed_everything(args.seed, "init")
-    model = build(args, device)
-    if args.is_main:
+    engine.seed_everything(args.seed, "init")
+    model = build(args, run)
+    if run.is_main:
         print(f"{args.model} patch {args.patch} + {args.head} head: {model.head_parameters() / 1e6:.3f} M head "
               f"parameters, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M in all")
-
-    latest = os.path.join(args.output, "checkpoint.pth")
-    resume = args.resume or (latest if os.path.exists(latest) else None)
-    start = 0
-    if args.eval_only:
-        if not resume:
-            raise SystemExit("--eval-only needs --resume CHECKPOINT")
-        model.load_state_dict(torch.load(resume, map_location="cpu", weights_only=True)["model"])
-    if args.world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.save_predictions:
         os.makedirs(args.save_predictions, exist_ok=True)
 
-    def run_eval(it):
-        metrics = evaluate(model, val_set, args, device, args.save_predictions, args.visualize)
-        if args.is_main:
-            table = sorted(zip(val_set.class_names, metrics["per_class_iou"]), key=lambda t: -np.nan_to_num(t[1]))
-            print("\n".join(f"  {name:24s} {iou:6.2f}" for name, iou in table[:10] if not math.isnan(iou)))
-            summary = {k: v for k, v in metrics.items() if k != "per_class_iou"}
-            print(json.dumps(dict(iter=it, **summary)))
-            with open(os.path.join(args.output, "log.jsonl"), "a") as f:
-                f.write(json.dumps(dict(iter=it, **summary)) + "\n")
-            with open(os.path.join(args.output, "results.json"), "w") as f:
-                json.dump(dict(iter=it, **metrics, class_names=val_set.class_names,
-                               head_params=train.unwrap(model).head_parameters(), args=train.jsonable(args)), f, indent=1)
+    def validate(model, done):
+        metrics = evaluate(model, val_set, args, run, args.save_predictions, args.visualize)
+        metrics.update(class_names=val_set.class_names, head_params=engine.unwrap(model).head_parameters())
+        if run.is_main:
+            print_top_classes(metrics, val_set.class_names)
         return metrics
 
     if args.eval_only:
-        return run_eval(start)
-
-    if args.batch_size % args.world:
-        raise SystemExit(f"--batch-size {args.batch_size} must divide by the {args.world} processes")
-    micro = args.batch_size // args.world
-    seg = train.unwrap(model)
-    groups = train.param_groups(seg.backbone, args.weight_decay, args.layer_decay)
-    head = [p for n, p in seg.named_parameters() if not n.startswith("backbone.")]
-    groups += [dict(params=[p for p in head if p.ndim > 1], weight_decay=args.weight_decay, lr_scale=1.0),
-               dict(params=[p for p in head if p.ndim <= 1], weight_decay=0.0, lr_scale=1.0)]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    if resume:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        seg.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start = ckpt["iter"]
-        if args.is_main:
-            print(f"resumed from {resume} at iteration {start}")
-        if args.is_main:  # evaluations after the checkpoint run again
-            train.keep_log_lines(os.path.join(args.output, "log.jsonl"), start + 1, key="iter")
-
-    train_set = TrainCrops(ADESegmentation(args.data_path, "training", args.num_classes), args.crop, args.crop, args.seed)
-    loader = DataLoader(train_set, batch_size=micro, num_workers=args.workers, pin_memory=device.type == "cuda",
-                        sampler=train.Draws(len(train_set), micro, args.rank, args.world, args.seed, start))
-    batches = iter(loader)
-    metrics, t0 = {}, time.perf_counter()
-    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, disable=not args.is_main, desc="train")
-    for it in bar:
-        model.train()
-        images, labels = (t.to(device, non_blocking=True) for t in next(batches))
-        train.seed_everything(args.seed, "step", it, args.rank)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, args) * group["lr_scale"]
-        with train.autocast(args, device):
-            logits, aux = model(images)
-            loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
-            if aux is not None:
-                loss = loss + args.aux_weight * F.cross_entropy(aux.float(), labels, ignore_index=IGNORE)
-        (scaler.scale(loss) if scaler else loss).backward()
-        train.optimizer_step(model, optimizer, scaler)
-        done = it + 1
-        if it % args.log_every == 0 or done == args.iters:
-            train.check_finite(loss.detach(), f"iteration {it}", args)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(it, args):.2e}",
-                            img_s=f"{(done - start) * args.batch_size / (time.perf_counter() - t0):.1f}")
-        if done % args.eval_every == 0 or done == args.iters:
-            metrics = run_eval(done)
-        if done % args.save_every == 0 or done == args.iters:
-            if args.is_main:
-                train.save_checkpoint(latest, dict(model=seg.state_dict(), optimizer=optimizer.state_dict(),
-                                                   scaler=scaler.state_dict() if scaler else None, iter=done,
-                                                   args=train.jsonable(args)))
-    if args.is_main:
+        weights = engine.resume_path(args)
+        if not weights:
+            raise SystemExit("--eval-only needs --resume CHECKPOINT")
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
+        metrics = engine.report(run, args, validate(engine.data_parallel(model, run), 0), iter=0, weights=weights)
+    else:
+        train_set = TrainCrops(ADESegmentation(args.data_path, "training", args.num_classes), args.crop, args.crop,
+                               args.seed)
+        metrics = engine.train_iterations(
+            run, args, model, engine.backbone_and_head_groups(model, model.backbone, args.weight_decay, args.layer_decay),
+            train_set, lambda m, batch: segmentation_loss(m, batch, args.aux_weight), lambda it: lr_at(it, args),
+            args.iters, validate, lambda done: done % args.eval_every == 0)
+    if run.is_main:
         print(f"done: mIoU {metrics.get('mIoU', float('nan')):.2f} -> {args.output}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    engine.finish()
     return metrics
 
 

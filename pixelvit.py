@@ -834,6 +834,13 @@ def _state_dict_of(obj, use_ema):
     return stripped
 
 
+def read_state_dict(checkpoint, use_ema=False):
+    """The weights in a checkpoint (a path, a container such as {"model": ...}, or a state dict),
+    with DDP / torch.compile prefixes stripped; a new dict, safe to modify."""
+    source = checkpoint if isinstance(checkpoint, dict) else _read_checkpoint(checkpoint)
+    return _state_dict_of(source, use_ema)
+
+
 def load_checkpoint(model, checkpoint, strict=True, use_ema=False):
     """Load weights (a path or a state dict / checkpoint container) into a pixelvit model.
 
@@ -843,8 +850,7 @@ def load_checkpoint(model, checkpoint, strict=True, use_ema=False):
     difference is an error that names the keys. Returns (missing_keys, unexpected_keys), which
     strict=False tolerates and strict=True refuses.
     """
-    source = checkpoint if isinstance(checkpoint, dict) else _read_checkpoint(checkpoint)
-    state = _state_dict_of(source, use_ema)
+    state = read_state_dict(checkpoint, use_ema)
     own = model.state_dict()
 
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
@@ -880,8 +886,7 @@ def infer_model_args(checkpoint):
     name (by width and depth), patch (tokenizer kernel), res (pos_embed grid x patch), num_classes.
 
     A checkpoint trained with extend > 1 reads as res x extend; pass res yourself for those."""
-    source = checkpoint if isinstance(checkpoint, dict) else _read_checkpoint(checkpoint)
-    state = _state_dict_of(source, use_ema=False)
+    state = read_state_dict(checkpoint)
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
         raise ValueError("expected a DeiT or Adventurer state dict with patch_embed.proj.weight and pos_embed")
     arch, prefix = ("adventurer", "layers.") if any(k.startswith("layers.") for k in state) else ("deit", "blocks.")

@@ -15,7 +15,6 @@ weights as one that never stopped.
 """
 import argparse
 import contextlib
-import hashlib
 import itertools
 import json
 import math
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
+import engine
 import pixelvit as pv
 
 # ----------------------------------------------------------------------------------------------
@@ -99,51 +99,52 @@ def recipe(name, model):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=f"one of {pv.list_models()} (default: the demo's adv_t)")
-    p.add_argument("--patch", type=int)
+    p.add_argument("--patch", type=int, help="patch size, 16 down to 1 (default 16)")
     p.add_argument("--res", type=int, help="input size (default: the recipe's)")
     p.add_argument("--extend", type=int, default=1, help="Table 5: interpolate the token grid k x per axis")
-    p.add_argument("--flip-schedule", default="official", choices=sorted(pv.FLIP_SCHEDULES))
+    p.add_argument("--flip-schedule", default="official", choices=sorted(pv.FLIP_SCHEDULES),
+                   help="Adventurer blocks that flip the token order (official: the released checkpoints')")
     p.add_argument("--embed-dim", type=int, help="override the model width (small custom models)")
-    p.add_argument("--depth", type=int)
-    p.add_argument("--num-heads", type=int)
-    p.add_argument("--d-state", type=int)
+    p.add_argument("--depth", type=int, help="override the number of blocks")
+    p.add_argument("--num-heads", type=int, help="override DeiT's attention heads")
+    p.add_argument("--d-state", type=int, help="override Adventurer's SSM state size")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", help="ImageNet-style folder with train/<class>/* and val/<class>/*")
     g.add_argument("--data", choices=["folder", "digits", "cifar10", "cifar100", "fashion-mnist"],
                    help="default: folder with --data-path, else the bundled digits")
     g.add_argument("--data-root", default="data", help="where --data cifar10/... lives")
     g.add_argument("--download", action="store_true", help="let torchvision download --data")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     g = p.add_argument_group("recipe (each flag overrides the recipe's value)")
-    g.add_argument("--stage", choices=["pretrain", "intermediate", "finetune"])
-    g.add_argument("--recipe", choices=sorted(RECIPES))
-    for name, kind in [("epochs", int), ("batch-size", int), ("lr", float), ("min-lr", float),
-                       ("warmup-lr", float), ("weight-decay", float), ("warmup-epochs", float),
-                       ("drop-path", float), ("layer-decay", float), ("smoothing", float),
-                       ("mixup", float), ("cutmix", float), ("reprob", float), ("clip-grad", float),
-                       ("scale-min", float), ("hflip", float), ("eval-crop-ratio", float)]:
-        g.add_argument(f"--{name}", type=kind)
+    g.add_argument("--stage", choices=["pretrain", "intermediate", "finetune"],
+                   help="the paper's Adventurer recipes: Tables 8, 10 and 9")
+    g.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe (default: by --stage and model)")
+    for name, kind, text in [
+            ("epochs", int, "training epochs"), ("batch-size", int, "global batch"),
+            ("lr", float, "base lr, scaled by batch / 512 unless --unscale-lr"), ("min-lr", float, "cosine floor"),
+            ("warmup-lr", float, "lr at the start of warm-up"), ("weight-decay", float, "AdamW weight decay"),
+            ("warmup-epochs", float, "linear warm-up length"), ("drop-path", float, "stochastic depth"),
+            ("layer-decay", float, "lr x decay^(depth + 1 - layer)"), ("smoothing", float, "label smoothing"),
+            ("mixup", float, "mixup alpha (0: off)"), ("cutmix", float, "cutmix alpha (0: off)"),
+            ("reprob", float, "random erasing probability"), ("clip-grad", float, "gradient norm clip"),
+            ("scale-min", float, "RandomResizedCrop's smallest area"), ("hflip", float, "flip probability"),
+            ("eval-crop-ratio", float, "evaluation centre crop / resize ratio")]:
+        g.add_argument(f"--{name}", type=kind, help=text)
     g.add_argument("--aa", help="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1, or 'none'")
-    g.add_argument("--opt-betas", type=float, nargs=2)
-    for name in ("three-augment", "repeated-aug", "ema", "unscale-lr"):
-        g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction)
-    g.add_argument("--ema-decay", type=float, default=0.99996)
-    g.add_argument("--accum-steps", type=int, default=1)
-    g = p.add_argument_group("run")
-    g.add_argument("--output", help="run folder (default: runs/<model>_p<patch>_<res>_<recipe>)")
+    g.add_argument("--opt-betas", type=float, nargs=2, help="AdamW betas")
+    g.add_argument("--three-augment", action=argparse.BooleanOptionalAction, help="DeiT III's ThreeAugment")
+    g.add_argument("--repeated-aug", action=argparse.BooleanOptionalAction, help="each image 3x per epoch")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, help="keep and evaluate an EMA of the weights")
+    g.add_argument("--unscale-lr", action=argparse.BooleanOptionalAction, help="use --lr as it is")
+    g.add_argument("--ema-decay", type=float, default=0.99996, help="EMA decay per step")
+    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimiser step")
+    g = engine.add_run_args(p, "run folder (default: runs/<model>_p<patch>_<res>_<recipe>)")
     g.add_argument("--finetune", help="initialise from these weights (resampled across res/patch)")
-    g.add_argument("--resume", help="checkpoint to continue from (default: OUTPUT/checkpoint.pth if present)")
-    g.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
     g.add_argument("--eval", action="store_true", help="only evaluate --resume/--finetune weights")
-    g.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 on GPU, off on CPU")
-    g.add_argument("--grad-ckpt", action="store_true", help="recompute blocks in backward (less memory)")
-    g.add_argument("--compile", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="shard parameters (FSDP2) for Large/Huge")
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
-    g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--benchmark", action="store_true", help="time training steps on synthetic input")
-    g.add_argument("--benchmark-steps", type=int, default=10)
+    g.add_argument("--benchmark-steps", type=int, default=10, help="timed steps after 3 warm-up steps")
     args = p.parse_args(argv)
 
     if args.data is None:
@@ -167,62 +168,8 @@ def parse_args(argv=None):
     if args.data == "folder" and not args.data_path and not args.benchmark:
         p.error("--data folder needs --data-path")
     args.output = args.output or os.path.join("runs", f"{args.model}_p{args.patch}_{args.res}_{args.recipe}")
+    args.peak_lr = args.lr if args.unscale_lr else args.lr * args.batch_size / 512
     return args
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed set-up and seeding
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` runs as a world of one."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        return rank, world, torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return rank, world, torch.device("cpu")
-
-
-def setup_run(args):
-    """Distributed set-up and precision on args (rank, world, is_main, amp, amp_dtype); returns the device."""
-    args.rank, args.world, device = setup_distributed()
-    args.is_main = args.rank == 0
-    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
-    args.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
-    return device
-
-
-def prepare_demo_data(args, write):
-    """Point --data-path at OUTPUT/demo_data, written once by rank 0 while the other ranks wait."""
-    args.data_path = os.path.join(args.output, "demo_data")
-    if args.is_main and not os.path.isdir(args.data_path):
-        write(args.data_path)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def derive_seed(*keys):
-    """A 63-bit seed from any tuple of ints: independent streams for each (seed, epoch, ...)."""
-    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
-
-
-def seed_everything(*keys):
-    seed = derive_seed(*keys)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def all_reduce(values, device, op=dist.ReduceOp.SUM):
-    """Sum (or max) a list of numbers over ranks; the identity for one process."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op)
-    return t.tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +299,7 @@ class Images(Dataset):
                 return None
             raise RuntimeError(f"{self.MAX_UNREADABLE_IN_A_ROW} unreadable images in a row from index {index}")
         if draw is not None:
-            seed_everything(self.seed, self.epoch, self.rank, draw)
+            engine.seed_everything(self.seed, self.epoch, self.rank, draw)
         img, label = sample
         return self.transform(img), label, passed
 
@@ -374,38 +321,6 @@ class EpochOrder(Sampler):
         return len(self.inner) - self.start
 
 
-class Draws(Sampler):
-    """An endless stream of epochs, each a seeded permutation. Rank r takes draws
-    (i * world + r) * batch + j at iteration i, from iteration `start` on: resumable exactly."""
-
-    def __init__(self, n, batch, rank, world, seed, start=0):
-        self.n, self.batch, self.rank, self.world, self.seed, self.start = n, batch, rank, world, seed, start
-
-    def __iter__(self):
-        epoch, order = None, None
-        for i in range(self.start, 2**62):
-            for j in range(self.batch):
-                draw = (i * self.world + self.rank) * self.batch + j
-                if draw // self.n != epoch:
-                    epoch = draw // self.n
-                    order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                        derive_seed(self.seed, "order", epoch))).tolist()
-                yield draw, order[draw % self.n]
-
-
-class Shard(Sampler):
-    """Every rank-th index, no padding: across ranks each image is evaluated exactly once."""
-
-    def __init__(self, n, rank, world):
-        self.indices = range(rank, n, world)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
 def collate_skipping(batch):
     """Stack the readable samples: (images, labels) or None, and the number of unreadable ones."""
     good = [b for b in batch if b is not None]
@@ -413,23 +328,24 @@ def collate_skipping(batch):
     return (default_collate([b[:2] for b in good]) if good else None), skipped
 
 
-def build_loaders(args, rank, world):
+def build_loaders(args, run):
     """(train, val) loaders; no train loader for --eval."""
     loader_kw = dict(num_workers=args.workers, collate_fn=collate_skipping, pin_memory=torch.cuda.is_available())
     *base_train, base_val = load_base_datasets(args, ("val",) if args.eval else ("train", "val"))
     args.num_classes = len(base_val.classes)
     val_set = Images(base_val, eval_transform(args))
-    val = DataLoader(val_set, batch_size=args.micro_batch, sampler=Shard(len(val_set), rank, world), **loader_kw)
+    val = DataLoader(val_set, batch_size=run.micro_batch, sampler=engine.Shard(len(val_set), run.rank, run.world),
+                     **loader_kw)
     if args.eval:
         return None, val
-    train_set = Images(base_train[0], train_transform(args), args.seed, rank)
+    train_set = Images(base_train[0], train_transform(args), args.seed, run.rank)
     if args.repeated_aug:  # each image 3x per epoch, differently augmented (DeiT's RASampler)
         from timm.data.distributed_sampler import RepeatAugSampler
-        inner = RepeatAugSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                 selected_round=256 if len(train_set) >= 256 * world else 0)
+        inner = RepeatAugSampler(train_set, num_replicas=run.world, rank=run.rank, shuffle=True,
+                                 selected_round=256 if len(train_set) >= 256 * run.world else 0)
     else:
-        inner = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
-    train = DataLoader(train_set, batch_size=args.micro_batch, sampler=EpochOrder(inner), drop_last=True, **loader_kw)
+        inner = torch.utils.data.DistributedSampler(train_set, run.world, run.rank, shuffle=True, seed=args.seed)
+    train = DataLoader(train_set, batch_size=run.micro_batch, sampler=EpochOrder(inner), drop_last=True, **loader_kw)
     return train, val
 
 
@@ -449,134 +365,43 @@ def build_model(args):
         raise SystemExit(f"cannot build the model: {e}") from None
 
 
-def add_dense_task_args(p):
-    """The flags that the dense tasks (eval_seg.py, eval_det.py) share: backbone, weights, precision, run."""
-    p.add_argument("--model", default="adv_t")
-    p.add_argument("--patch", type=int, default=16)
-    for name in ("embed-dim", "depth", "d-state", "num-heads"):
-        p.add_argument(f"--{name}", type=int, help="override the backbone's size (small custom models)")
-    p.add_argument("--drop-path", type=float, default=0.1)
-    p.add_argument("--finetune", help="backbone weights (an ImageNet checkpoint; resampled across res/patch)")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 on GPU, off on CPU")
-    p.add_argument("--grad-ckpt", action="store_true")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=20)
-
-
-def dense_backbone(args, res):
-    """A backbone without classifier for a dense task, initialised from --finetune (resampled to this
-    patch size and resolution; the ImageNet head is not needed)."""
-    overrides = {k: getattr(args, k) for k in ("embed_dim", "depth", "d_state", "num_heads") if getattr(args, k)}
-    model = pv.create_model(args.model, patch=args.patch, res=res, num_classes=0, drop_path=args.drop_path,
-                            **overrides)
-    if args.finetune:
-        try:
-            pv.load_checkpoint(model, args.finetune, strict=False)
-        except (KeyError, ValueError) as e:
-            raise SystemExit(f"--finetune {args.finetune}: {e}") from None
-    model.set_grad_checkpointing(args.grad_ckpt)
-    return model
-
-
-def param_groups(model, weight_decay, layer_decay):
-    """BEiT-style groups as the official code builds them: no weight decay on 1-D parameters and on
-    pos_embed / cls_token; lr scale layer_decay ** (depth + 1 - layer), where the tokenizer is layer 0,
-    block i is layer i + 1 and the final norm and head are layer depth + 1."""
-    depth = len(model.blocks)
-    skip = model.no_weight_decay()
-    groups = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            layer = 0
-        elif name.startswith(("blocks.", "layers.")):
-            layer = int(name.split(".")[1]) + 1
-        else:
-            layer = depth + 1
-        decay = 0.0 if param.ndim <= 1 or name in skip else weight_decay
-        group = groups.setdefault((layer, decay), dict(params=[], weight_decay=decay,
-                                                       lr_scale=layer_decay ** (depth + 1 - layer)))
-        group["params"].append(param)
-    return list(groups.values())
-
-
-def lr_at(step, args):
+def lr_at(step, args, steps_per_epoch):
     """Linear warm-up from warmup_lr, then cosine to min_lr, updated every optimiser step."""
-    warmup = args.warmup_epochs * args.steps_per_epoch
-    total = args.epochs * args.steps_per_epoch
+    warmup = args.warmup_epochs * steps_per_epoch
+    total = args.epochs * steps_per_epoch
     if step < warmup:
         return args.warmup_lr + (args.peak_lr - args.warmup_lr) * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return args.min_lr + 0.5 * (args.peak_lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def unwrap(model):
-    return getattr(model, "module", model)
-
-
-def distribute(model, args, device, world):
+def distribute(model, args, run):
     if args.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(device.type, (world,))
-        policy = MixedPrecisionPolicy(param_dtype=args.amp_dtype) if args.amp_dtype else MixedPrecisionPolicy()
+        mesh = init_device_mesh(run.device.type, (run.world,))
+        policy = MixedPrecisionPolicy(param_dtype=run.amp_dtype) if run.amp_dtype else MixedPrecisionPolicy()
         for block in model.blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         return fully_shard(model, mesh=mesh, mp_policy=policy)
-    if world > 1:
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def state_dicts(model, optimizer):
-    """Full (unsharded, unprefixed) model and optimiser states, on CPU."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_checkpoint(path, payload):
-    """Write to a temporary file and rename: a crash mid-write leaves the previous file intact."""
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_training_state(path, model, optimizer, scaler, ema):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt.get("ema"):
-        ema.module.load_state_dict(ckpt["ema"])
-    return ckpt
+    return engine.data_parallel(model, run)
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation and training
 
 
-def autocast(args, device):
-    return torch.autocast(device.type, dtype=args.amp_dtype) if args.amp_dtype else contextlib.nullcontext()
-
-
 @torch.no_grad()
-def evaluate(model, loader, args, device):
+def evaluate(model, loader, args, run):
     """Top-1, top-5 and loss over the whole validation set. Ranks run the same number of forward
     passes (a short rank repeats a masked-out batch), which FSDP's collectives need."""
     model.eval()
+    device = run.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, images
     skipped = 0
-    steps = int(all_reduce([len(loader)], device, op=dist.ReduceOp.MAX)[0])
+    steps = int(engine.all_reduce([len(loader)], device, op=dist.ReduceOp.MAX)[0])
     batches = iter(loader)
-    for _ in tqdm(range(steps), desc="eval", leave=False, disable=not args.is_main):
+    for _ in tqdm(range(steps), desc="eval", leave=False, disable=not run.is_main):
         batch, n_skipped = next(batches, (None, 0))
         skipped += n_skipped
         if batch is None:  # this rank ran out: a placeholder forward keeps the ranks in step
@@ -584,7 +409,7 @@ def evaluate(model, loader, args, device):
         else:
             images, labels = batch
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(args, device):
+        with run.autocast():
             logits = model(images).float()
         if batch is None:
             continue
@@ -592,8 +417,8 @@ def evaluate(model, loader, args, device):
         hits = top5 == labels[:, None]
         sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(),
                              hits.any(1).sum(), torch.tensor(len(labels), device=device)]).double()
-    loss, top1, top5, n = all_reduce(sums.tolist(), device)
-    skipped = int(all_reduce([skipped], device)[0])
+    loss, top1, top5, n = engine.all_reduce(sums.tolist(), device)
+    skipped = int(engine.all_reduce([skipped], device)[0])
     return dict(val_loss=loss / max(n, 1), top1=100 * top1 / max(n, 1), top5=100 * top5 / max(n, 1),
                 val_images=int(n), val_skipped=skipped)
 
@@ -609,80 +434,60 @@ def loss_function(args):
 
 
 def train_one_epoch(epoch, start_step, model, loader, optimizer, scaler, ema, mixup, criterion,
-                    args, device, save):
+                    args, run, save):
     """One epoch from optimiser step `start_step` on; calls save(step) every --save-every steps."""
     model.train()
-    loader.sampler.set_epoch(epoch, start=start_step * args.accum_steps * args.micro_batch)
+    device, steps_per_epoch = run.device, run.steps_per_epoch
+    loader.sampler.set_epoch(epoch, start=start_step * args.accum_steps * run.micro_batch)
     loader.dataset.epoch = epoch
     batches = iter(loader)
-    bar = tqdm(range(start_step, args.steps_per_epoch), desc=f"epoch {epoch}", disable=not args.is_main,
-               initial=start_step, total=args.steps_per_epoch)
+    bar = tqdm(range(start_step, steps_per_epoch), desc=f"epoch {epoch}", disable=not run.is_main,
+               initial=start_step, total=steps_per_epoch)
     totals = dict(loss=0.0, steps=0, images=0, skipped=0)
     start_time = time.perf_counter()
     for step in bar:
-        global_step = epoch * args.steps_per_epoch + step
-        lr = lr_at(global_step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        global_step = epoch * steps_per_epoch + step
+        lr = lr_at(global_step, args, steps_per_epoch)
+        engine.set_lr(optimizer, lr)
         step_loss = torch.zeros((), device=device)
         for micro in range(args.accum_steps):
             batch, n_skipped = next(batches)
             totals["skipped"] += n_skipped
-            if n_skipped and not args.warned_skip:
+            if n_skipped and not run.warned_skip:
                 warnings.warn(f"skipping unreadable images ({n_skipped} in this batch, replaced by the next "
                               "readable ones); the count is logged per epoch as train_skipped")
-                args.warned_skip = True
+                run.warned_skip = True
             images, labels = batch
             if mixup is not None and len(images) % 2:  # mixup pairs images: keep an even batch
                 images, labels = images[:-1], labels[:-1]
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            seed_everything(args.seed, epoch, step, micro, args.rank)  # mixup and drop-path draws
+            engine.seed_everything(args.seed, epoch, step, micro, run.rank)  # mixup and drop-path draws
             if mixup is not None:
                 images, labels = mixup(images, labels)
             sync = micro == args.accum_steps - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():  # sync grads once per step
-                with autocast(args, device):
+                with run.autocast():
                     loss = criterion(model(images), labels) / args.accum_steps
-                (scaler.scale(loss) if scaler else loss).backward()
+                engine.backward(loss, scaler)
             step_loss += loss.detach()
             totals["images"] += len(images)
-        optimizer_step(model, optimizer, scaler, args.clip_grad)
+        engine.optimizer_step(model, optimizer, scaler, args.clip_grad)
         if ema is not None:
-            ema.update(unwrap(model), step=global_step)
+            ema.update(engine.unwrap(model), step=global_step)
         totals["loss"] += step_loss
         totals["steps"] += 1
-        last = step == args.steps_per_epoch - 1
+        last = step == steps_per_epoch - 1
         if step % args.log_every == 0 or last or (args.save_every and (step + 1) % args.save_every == 0):
-            check_finite(step_loss, f"epoch {epoch}, step {step}", args)
+            engine.check_finite(step_loss, f"epoch {epoch}, step {step}", args.output)
             bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}",
-                            img_s=f"{totals['images'] * args.world / (time.perf_counter() - start_time):.1f}")
+                            img_s=f"{totals['images'] * run.world / (time.perf_counter() - start_time):.1f}")
         if args.save_every and (step + 1) % args.save_every == 0 and not last:
             save(epoch, step + 1)
     seconds = time.perf_counter() - start_time
-    loss, steps, images, skipped = all_reduce(
+    loss, steps, images, skipped = engine.all_reduce(
         [float(totals["loss"]), totals["steps"], totals["images"], totals["skipped"]], device)
     return dict(train_loss=loss / max(steps, 1), lr=lr, epoch_time=seconds, images_per_s=images / seconds,
                 train_skipped=int(skipped))
-
-
-def optimizer_step(model, optimizer, scaler=None, clip_grad=None):
-    """Unscale (fp16), clip, step and clear the gradients."""
-    if scaler:
-        scaler.unscale_(optimizer)
-    if clip_grad:
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def check_finite(loss, where, args):
-    if not torch.isfinite(loss):
-        raise SystemExit(f"loss is {loss.item()} at {where}: stopping. The last good checkpoint in {args.output} "
-                         f"is intact. Try a lower --lr, --clip-grad 1.0, or --amp bf16 instead of fp16.")
 
 
 def peak_memory_mb(device):
@@ -735,9 +540,9 @@ def saved_activation_bytes(step, parameters):
     return sum(storages.values())
 
 
-def benchmark(args, device):
+def benchmark(args, run):
     """Warmed-up training steps on synthetic input; one JSON line with speed, memory and MFU."""
-    args.num_classes = 1000
+    args.num_classes, device = 1000, run.device
     model = build_model(args).to(device).train()
     model.set_grad_checkpointing(args.grad_ckpt)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -746,7 +551,7 @@ def benchmark(args, device):
     train_step = torch.compile(model) if args.compile else model
 
     def step():
-        with autocast(args, device):
+        with run.autocast():
             loss = F.cross_entropy(train_step(images), labels)
         loss.backward()
         optimizer.step()
@@ -772,7 +577,7 @@ def benchmark(args, device):
     else:  # no allocator statistics on CPU: count what autograd keeps for the backward pass
         memory = saved_activation_bytes(step, model.parameters())
     result = dict(model=args.model, patch=args.patch, res=args.res, tokens=(args.res // args.patch * args.extend) ** 2,
-                  batch=args.batch_size, dtype=str(args.amp_dtype or torch.float32).replace("torch.", ""),
+                  batch=args.batch_size, dtype=str(run.amp_dtype or torch.float32).replace("torch.", ""),
                   grad_ckpt=args.grad_ckpt, device=name, backends=sorted(set(pv.backends(model)["mixers"].values())),
                   images_per_s=args.batch_size / seconds, step_ms=1e3 * seconds,
                   memory_mb_per_image=memory / 2**20 / args.batch_size,
@@ -788,29 +593,23 @@ def benchmark(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = setup_run(args)
-    rank, world, args.warned_skip = args.rank, args.world, False
+    run = engine.setup(args)
     if args.benchmark:
-        return benchmark(args, device)
+        return benchmark(args, run)
     if args.fsdp and not dist.is_initialized():
         raise SystemExit("--fsdp shards over processes: launch with torchrun")
-    if args.batch_size % (world * args.accum_steps):
-        raise SystemExit(f"--batch-size {args.batch_size} (global) must divide by world size x --accum-steps "
-                         f"= {world * args.accum_steps}")
-    args.micro_batch = args.batch_size // (world * args.accum_steps)
-    args.peak_lr = args.lr if args.unscale_lr else args.lr * args.batch_size / 512
-    seed_everything(args.seed, "init")
-    train_loader, val_loader = build_loaders(args, rank, world)
-    args.steps_per_epoch = len(train_loader) // args.accum_steps if train_loader else 0
-    if args.steps_per_epoch == 0 and not args.eval:
-        raise SystemExit(f"{len(train_loader.dataset)} training images give no full batch of {args.micro_batch} per rank")
+    run.micro_batch = engine.micro_batch(args.batch_size, run, args.accum_steps)
+    engine.seed_everything(args.seed, "init")
+    train_loader, val_loader = build_loaders(args, run)
+    run.steps_per_epoch = len(train_loader) // args.accum_steps if train_loader else 0
+    if run.steps_per_epoch == 0 and not args.eval:
+        raise SystemExit(f"{len(train_loader.dataset)} training images give no full batch of {run.micro_batch} per rank")
 
-    latest = os.path.join(args.output, "checkpoint.pth")
-    found = latest if os.path.exists(latest) and not args.no_resume else None
     # --eval: the weights named (--resume, else --finetune), else the run folder's checkpoint.
     # Training: --finetune initialises; a checkpoint (--resume or the run folder's) continues.
-    init = (args.resume or args.finetune or found) if args.eval else args.finetune
-    resume = None if args.eval else (args.resume or found)
+    found = engine.resume_path(args)
+    init = (found if args.resume else args.finetune or found) if args.eval else args.finetune
+    resume = None if args.eval else found
     if args.eval and not init:
         raise SystemExit("--eval needs weights: --resume CHECKPOINT, --finetune WEIGHTS, or a run in --output")
 
@@ -821,99 +620,80 @@ def main(argv=None):
         except (KeyError, ValueError) as e:
             raise SystemExit(f"{init}: {e}") from None
     model.set_grad_checkpointing(args.grad_ckpt)
-    model.to(device)
+    model.to(run.device)
     ema = None
     if args.ema:
         if args.fsdp:
             raise SystemExit("--ema is not supported with --fsdp")
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=args.ema_decay)
-    model = distribute(model, args, device, world)
+    model = distribute(model, args, run)
     train_model = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(param_groups(unwrap(model), args.weight_decay, args.layer_decay),
+    optimizer = torch.optim.AdamW(engine.param_groups(engine.unwrap(model), args.weight_decay, args.layer_decay),
                                   lr=args.peak_lr, betas=tuple(args.opt_betas))
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    scaler = run.grad_scaler()
 
     os.makedirs(args.output, exist_ok=True)
     start_epoch, start_step, best = 0, 0, 0.0
     if resume:
-        ckpt = load_training_state(resume, model, optimizer, scaler, ema)
+        ckpt = engine.load_training_state(resume, model, optimizer, scaler, ema)
         start_epoch, start_step, best = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
-        if args.is_main:
+        run.start = start_epoch * run.steps_per_epoch + start_step
+        if run.is_main:
             print(f"resumed from {resume}: epoch {start_epoch}, step {start_step}")
 
-    n_params = sum(p.numel() for p in unwrap(model).parameters())  # DTensors report their full size
-    if args.is_main:
+    n_params = sum(p.numel() for p in engine.unwrap(model).parameters())  # DTensors report their full size
+    if run.is_main:
         print(f"{args.model} patch {args.patch} @ {args.res}: {(args.res // args.patch * args.extend) ** 2:,} tokens, "
-              f"{n_params / 1e6:.2f} M params | {args.recipe} recipe, {world} x {args.accum_steps} x "
-              f"{args.micro_batch} = {args.batch_size} images/step, peak lr {args.peak_lr:.2e}")
+              f"{n_params / 1e6:.2f} M params | {args.recipe} recipe, {run.world} x {args.accum_steps} x "
+              f"{run.micro_batch} = {args.batch_size} images/step, peak lr {args.peak_lr:.2e}")
 
     if args.eval:  # eval.json, so that a training run's results.json in the same folder survives
-        metrics = evaluate(model, val_loader, args, device)
-        if args.is_main:
+        metrics = evaluate(model, val_loader, args, run)
+        if run.is_main:
             print(json.dumps(metrics))
-            with open(os.path.join(args.output, "eval.json"), "w") as f:
-                json.dump(dict(metrics, weights=init, args=jsonable(args)), f, indent=1)
+            engine.write_json(os.path.join(args.output, "eval.json"),
+                              dict(metrics, weights=init, args=engine.jsonable(args), run_state=run.as_dict()))
         return metrics
+    if start_epoch >= args.epochs:
+        return engine.finished_results(run, args)
 
     mixup, criterion = loss_function(args)
+    latest = os.path.join(args.output, "checkpoint.pth")
 
     def save(epoch, step, best_top1=None, also_best=False):
-        """Checkpoint at (epoch, step): every rank takes part (FSDP gathers), rank 0 writes."""
-        model_sd, optim_sd = state_dicts(model, optimizer)
-        if args.is_main:
-            save_checkpoint(latest, dict(model=model_sd, optimizer=optim_sd, epoch=epoch, step=step,
-                                         best_top1=best if best_top1 is None else best_top1,
-                                         scaler=scaler.state_dict() if scaler else None,
-                                         ema=ema.module.state_dict() if ema else None, args=jsonable(args)))
-            if also_best:
-                save_checkpoint(os.path.join(args.output, "best.pth"), {"model": model_sd, "args": jsonable(args)})
+        model_state = engine.save_training_state(latest, run, args, model, optimizer, scaler, ema, epoch=epoch,
+                                                 step=step, best_top1=best if best_top1 is None else best_top1)
+        if also_best and run.is_main:
+            engine.save_checkpoint(os.path.join(args.output, "best.pth"),
+                                   {"model": model_state, "args": engine.jsonable(args)})
 
     metrics = {}
-    log_path = os.path.join(args.output, "log.jsonl")
-    if args.is_main:  # an epoch that was logged but not checkpointed runs again: drop its line
-        keep_log_lines(log_path, start_epoch)
+    if run.is_main:  # an epoch that was logged but not checkpointed runs again: drop its line
+        engine.keep_log_lines(os.path.join(args.output, "log.jsonl"), start_epoch, key="epoch")
     for epoch in range(start_epoch, args.epochs):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
         try:
             stats = train_one_epoch(epoch, start_step, train_model, train_loader, optimizer, scaler, ema,
-                                    mixup, criterion, args, device, save)
+                                    mixup, criterion, args, run, save)
         except torch.OutOfMemoryError:
-            raise SystemExit(f"out of GPU memory with {args.micro_batch} images per micro-batch: use a larger "
+            raise SystemExit(f"out of GPU memory with {run.micro_batch} images per micro-batch: use a larger "
                              "--accum-steps, --grad-ckpt, --amp bf16, or --fsdp") from None
         start_step = 0
-        metrics = dict(epoch=epoch, **stats, **evaluate(model, val_loader, args, device),
-                       peak_memory_mb=peak_memory_mb(device))
+        metrics = dict(**stats, **evaluate(model, val_loader, args, run), peak_memory_mb=peak_memory_mb(run.device))
         if ema is not None:
-            metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, args, device).items()})
+            metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, args, run).items()})
         improved = metrics["top1"] > best or epoch == 0
         best = max(best, metrics["top1"])
-        if args.is_main:
-            print(json.dumps(metrics))
-            with open(log_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        if run.is_main:
+            print(json.dumps(dict(epoch=epoch, **metrics)))
+        metrics = engine.report(run, args, metrics, epoch=epoch, best_top1=best, params=n_params)
         save(epoch + 1, 0, best, also_best=improved)
-    if args.is_main and not metrics:  # resumed at the end: the run finished before, keep its results
-        print(f"{args.output} already finished {args.epochs} epochs; its results.json stands")
-    elif args.is_main:
-        results = dict(metrics, best_top1=best, params=n_params, args=jsonable(args))
-        with open(os.path.join(args.output, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    if run.is_main:
         print(f"done: top-1 {metrics.get('top1', float('nan')):.2f} % (best {best:.2f} %) -> {args.output}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    engine.finish()
     return metrics
-
-
-def keep_log_lines(path, before, key="epoch"):
-    """Drop the log lines of work that a resumed run will redo (their `key` is >= `before`)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)[key] < before]
-        with open(path, "w") as f:
-            f.writelines(lines)
-
 
 
 def read_results(root):
@@ -931,10 +711,6 @@ def fit_power_law(x, y):
     """The least-squares line through (log x, log y): y ~= a * x**k. Returns (a, k)."""
     k, log_a = np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)
     return float(np.exp(log_a)), float(k)
-
-def jsonable(args):
-    """The run's arguments as plain JSON values (checkpoints load with weights_only=True)."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torchvision.ops import roi_align
 
 import eval_det as det
 import pixelvit as pv
@@ -71,7 +72,9 @@ def test_stage_weights_scale_each_stage_loss():
     for t, w in enumerate((1.0, 0.5, 0.25)):
         for kind in ("classifier", "box_reg"):
             assert weighted[f"loss_{kind}_s{t}"].item() == pytest.approx(w * plain[f"loss_{kind}_s{t}"].item(), rel=1e-5)
-    assert weighted["loss_mask"].item() > 0
+    for t, w in enumerate((1.0, 0.5, 0.25)):
+        assert weighted[f"loss_mask_s{t}"].item() == pytest.approx(w * plain[f"loss_mask_s{t}"].item(), rel=1e-5)
+        assert weighted[f"loss_mask_s{t}"].item() > 0
 
 
 def test_images_without_objects_give_no_box_or_mask_loss():
@@ -81,26 +84,29 @@ def test_images_without_objects_give_no_box_or_mask_loss():
                  masks=torch.zeros(0, 64, 80, dtype=torch.uint8))
     losses = model([torch.rand(3, 64, 80)], [empty])
     assert all(torch.isfinite(v) for v in losses.values())
-    assert losses["loss_mask"] == 0 and all(losses[f"loss_box_reg_s{t}"] == 0 for t in range(3))
+    assert all(losses[f"loss_mask_s{t}"] == 0 and losses[f"loss_box_reg_s{t}"] == 0 for t in range(3))
     sum(losses.values()).backward()
 
 
-def test_detections_average_the_stage_scores():
+def test_detections_average_the_stage_logits():
     torch.manual_seed(0)
     heads = det.CascadeRoIHeads(32, 3, conv_dims=(32,), fc_dim=16, mask_dims=(32,), score_thresh=0.0).eval()
     features = {str(i): torch.randn(1, 32, 32 // 2**i, 32 // 2**i) for i in range(4)}
     box = [torch.tensor([[10.0, 10, 50, 60]])]
     (result,), _ = heads(features, box, [(128, 128)])
-    boxes, probabilities = box, []
+    boxes, logits_sum = box, 0
     for t in range(3):  # by hand: every stage scores the boxes the previous stage refined
-        logits, deltas = heads.stage(t, features, boxes, [(128, 128)])
-        probabilities.append(logits.softmax(-1))
+        logits, deltas = heads.stage(t, features, boxes)
+        logits_sum = logits_sum + logits
         boxes = heads.refine(t, deltas, boxes, [(128, 128)])
-    mean = torch.stack(probabilities).mean(0)[0, 1:]
+    mean = (logits_sum / 3).softmax(-1)[0, 1:]   # mmdet: the stages' logits averaged, then softmax
     best = result["scores"].argmax()
     assert result["scores"][best] == pytest.approx(mean.max().item(), rel=1e-5)
     assert torch.allclose(result["boxes"][best], boxes[0][0], atol=1e-4)   # the last stage's box
-    assert result["masks"].shape[1:] == (1, 28, 28)
+    label = result["labels"][best:best + 1]
+    probs = torch.stack([heads.mask_logits(t, features, [result["boxes"][best:best + 1]], [label]).sigmoid()
+                         for t in range(3)]).mean(0)   # the three mask heads averaged
+    assert result["mask_probs"].shape[1:] == (28, 28) and torch.allclose(result["mask_probs"][best], probs[0])
 
 
 def test_training_step_and_inference_at_several_patches():
@@ -111,13 +117,14 @@ def test_training_step_and_inference_at_several_patches():
         masks[0, 10:30, 10:40] = 1
         target = dict(boxes=torch.tensor([[10.0, 10, 40, 30]]), labels=torch.tensor([1]), masks=masks)
         losses = model([torch.rand(3, 64, 80)], [target])
-        assert set(losses) >= {"loss_objectness", "loss_rpn_box_reg", "loss_mask", "loss_classifier_s2"}
+        assert set(losses) >= {"loss_objectness", "loss_rpn_box_reg", "loss_mask_s2", "loss_classifier_s2"}
         sum(losses.values()).backward()
         assert model.backbone.body.patch_embed.proj.weight.grad.abs().sum() > 0
         model.eval()
         with torch.no_grad():
             (out,) = model([torch.rand(3, 70, 90)])
-        assert out["masks"].shape[1:] == (1, 70, 90) and len(out["boxes"]) <= 100
+        assert out["mask_probs"].shape[1:] == (28, 28) and len(out["boxes"]) <= 100
+        assert (out["boxes"][:, 2:] <= torch.tensor([90, 70])).all()   # in the original image's coordinates
 
 
 # --- COCO data and evaluation ---------------------------------------------------------------------
@@ -155,16 +162,19 @@ def test_coco_dataset_maps_categories_and_filters(coco, tmp_path):
 
 def test_results_writer_round_trips_through_pycocotools(coco):
     _, ds = coco
-    outputs, image_ids = [], []
+    results = []
     for i in range(len(ds)):   # the ground truth itself, as detections with score 1: AP must be 100
-        _, target = ds[i]
-        outputs.append(dict(boxes=target["boxes"], labels=target["labels"], scores=torch.ones(len(target["labels"])),
-                            masks=target["masks"][:, None].float()))
-        image_ids.append(target["image_id"])
-    results = det.to_coco_results(outputs, image_ids, ds.category_ids)
+        image, target = ds[i]
+        # each mask as the detector gives it: probabilities over its box, pasted back at full size
+        probs = torch.stack([roi_align(m[None, None].float(), [b[None]], 56, aligned=True)[0, 0]
+                             for m, b in zip(target["masks"], target["boxes"])]) if len(target["boxes"]) else None
+        out = dict(boxes=target["boxes"], labels=target["labels"], scores=torch.ones(len(target["labels"])))
+        if probs is not None:
+            out["mask_probs"] = probs
+        results += det.to_coco_results(out, target["image_id"], ds.category_ids, image.shape[-2:])
     assert {r["category_id"] for r in results} <= {1, 3, 7, 9}
     scores = det.coco_evaluate(ds.coco, results)
-    assert scores["bbox"]["AP"] == pytest.approx(100) and scores["segm"]["AP"] == pytest.approx(100)
+    assert scores["bbox"]["AP"] == pytest.approx(100) and scores["segm"]["AP"] > 95
 
 
 def test_evaluation_equals_pycocotools_and_rejects_unknown_ids(coco, tmp_path):
@@ -245,7 +255,7 @@ def test_two_process_run_gathers_every_rank_detections(tmp_path):
     run_script("eval_det.py", CLI + ["--data-path", data, "--output", out, "--max-iters", "3",
                                      "--save-predictions", str(tmp_path / "ddp.json")], tmp_path, nproc=2)
     results = json.load(open(os.path.join(out, "results.json")))
-    assert results["args"]["world"] == 2
+    assert results["run_state"]["world"] == 2
     # one process evaluating the same checkpoint finds the same detections and the same AP
     run_script("eval_det.py", CLI + ["--data-path", data, "--output", str(tmp_path / "one"), "--eval-only", "--resume",
                                      os.path.join(out, "checkpoint.pth"), "--save-predictions", str(tmp_path / "one.json")],

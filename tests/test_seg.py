@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import engine
 import eval_seg as seg
 import pixelvit as pv
 from helpers import run_and_kill, run_script
@@ -150,7 +151,7 @@ def test_two_process_run_and_saved_predictions(tmp_path):
     run(TINY + ["--data-path", data, "--num-classes", "5", "--iters", "4", "--eval-every", "4", "--output", out,
                 "--head", "upernet"], tmp_path, nproc=2)
     results = json.load(open(os.path.join(out, "results.json")))
-    assert results["val_images"] == 5 and results["iter"] == 4 and results["args"]["world"] == 2
+    assert results["val_images"] == 5 and results["iter"] == 4 and results["run_state"]["world"] == 2
     # one process evaluates the same checkpoint to the same numbers, and its PNGs re-score to them
     run(TINY + ["--data-path", data, "--num-classes", "5", "--eval-only", "--resume", os.path.join(out, "checkpoint.pth"),
                 "--output", str(tmp_path / "eval"), "--save-predictions", preds, "--head", "upernet"], tmp_path)
@@ -195,8 +196,7 @@ def test_backbone_from_another_patch_size_and_resolution(tmp_path):
     path = str(tmp_path / "imagenet.pth")
     torch.save({"model": imagenet.state_dict(), "epoch": 3}, path)
     args = seg.parse_args(TINY + ["--data-path", "unused", "--finetune", path, "--num-classes", "5"])
-    args.world = 1
-    model = seg.build(args, torch.device("cpu"))   # patch 8 -> 4, 64 px -> 32 px crops, head dropped
+    model = seg.build(args, engine.Run())   # patch 8 -> 4, 64 px -> 32 px crops, head dropped
     backbone = model.backbone
     assert backbone.patch_embed.proj.weight.shape[-1] == 4 and backbone.pos_embed.shape[1] == 8 * 8 + 1
     assert torch.equal(backbone.layers[2].mixer.in_proj.weight, imagenet.layers[2].mixer.in_proj.weight)

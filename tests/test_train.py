@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import engine
 import pixelvit as pv
 import train
 from helpers import ROOT, run_and_kill, run_script
@@ -61,12 +62,13 @@ def test_flags_override_the_recipe():
 
 def test_lr_schedule_by_hand():
     args = train.parse_args(TINY + ["--epochs", "10", "--lr", "1e-3", "--min-lr", "1e-5", "--warmup-lr", "1e-6"])
-    args.steps_per_epoch, args.peak_lr = 100, 1e-3
-    assert train.lr_at(0, args) == pytest.approx(1e-6)
-    assert train.lr_at(50, args) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))   # half-way through warm-up
-    assert train.lr_at(100, args) == pytest.approx(1e-3)                           # peak after 1 epoch
-    assert train.lr_at(550, args) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))   # cosine mid-point
-    assert train.lr_at(1000, args) == pytest.approx(1e-5)
+    assert args.peak_lr == 1e-3   # the demo recipe takes --lr as it is (--unscale-lr)
+    assert train.parse_args(TINY + ["--lr", "1e-3", "--no-unscale-lr", "--batch-size", "256"]).peak_lr == 5e-4
+    assert train.lr_at(0, args, 100) == pytest.approx(1e-6)
+    assert train.lr_at(50, args, 100) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))   # half-way through warm-up
+    assert train.lr_at(100, args, 100) == pytest.approx(1e-3)                           # peak after 1 epoch
+    assert train.lr_at(550, args, 100) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))   # cosine mid-point
+    assert train.lr_at(1000, args, 100) == pytest.approx(1e-5)
 
 
 def test_power_law_fit_recovers_a_hand_made_law():
@@ -80,7 +82,7 @@ def test_power_law_fit_recovers_a_hand_made_law():
 
 def test_param_groups_follow_the_official_rule():
     model = pv.create_model("adv_t", depth=4, embed_dim=32, d_state=16)
-    groups = train.param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    groups = engine.param_groups(model, weight_decay=0.05, layer_decay=0.5)
     where = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     # layer 0 = tokenizer, cls, pos; block i = i + 1; head/final norm = depth + 1 = 5
@@ -163,7 +165,7 @@ def test_two_process_run_counts_every_validation_image_once(tmp_path):
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     results = json.load(open(os.path.join(out, "results.json")))
     assert [entry["epoch"] for entry in log] == [0, 1] and results["val_images"] == 15
-    assert results["args"]["world"] == 2 and results["args"]["micro_batch"] == 2  # 8 / (2 ranks x 2 accum)
+    assert results["run_state"]["world"] == 2 and results["run_state"]["micro_batch"] == 2  # 8 / (2 ranks x 2 accum)
     # one process evaluating the same weights gets the same numbers
     run(TINY + ["--data-path", data, "--output", str(tmp_path / "eval"), "--eval", "--resume",
                 os.path.join(out, "checkpoint.pth")], tmp_path)

@@ -173,13 +173,15 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256):
     decay_to_end = decay[..., -1, :, None]                  # (b, g, e, c, q, 1)
     chunk_states = (xdt * decay_to_end).transpose(-1, -2) @ B   # (b, g, e, c, p, n)
 
-    # 3. Pass the state across chunk boundaries: the only sequential step, c iterations.
+    # 3. Pass the state across chunk boundaries: the only sequential step, c iterations. The
+    #    chunks are taken apart with unbind, whose backward is one stack; indexing chunk k of the
+    #    stacked tensor instead would make each step's backward write a full-size gradient.
     chunk_decay = torch.exp(a.sum(-1))[..., None, None]     # (b, g, e, c, 1, 1)
     state = torch.zeros_like(chunk_states[:, :, :, 0])
     states_in = []
-    for k in range(c):
+    for decay_k, added_k in zip(chunk_decay.unbind(3), chunk_states.unbind(3)):
         states_in.append(state)
-        state = chunk_decay[:, :, :, k] * state + chunk_states[:, :, :, k]
+        state = decay_k * state + added_k
     states_in = torch.stack(states_in, dim=3)               # (b, g, e, c, p, n)
 
     # 4. The carried-in state, read out by C and decayed from the chunk start to each position.

@@ -406,6 +406,7 @@ def train_iterations(run, args, model, groups, train_set, loss_of, lr_at, total,
     done) -> metrics, run when eval_due(done) and at the end, before that iteration's checkpoint (so a
     resumed run keeps exactly the log lines up to its checkpoint). Returns the last metrics; a run
     that had already finished returns its results.json."""
+    os.makedirs(args.output, exist_ok=True)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=betas)
     scaler = run.grad_scaler()
     latest = os.path.join(args.output, "checkpoint.pth")

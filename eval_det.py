@@ -513,9 +513,10 @@ def lr_factor(it, args, iters_per_epoch):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, args, run):
-    """COCO box and mask AP on the validation set, each image's detections encoded as soon as they
-    are made, gathered from all ranks to rank 0; with the validation loss."""
+def detect_and_encode(model, dataset, args, run):
+    """This rank's share of the validation images through the detector, each image's detections
+    encoded as COCO results (masks as RLE) as soon as they are made: what is held grows with the
+    number of detections, not with the images' size."""
     detector = engine.unwrap(model).eval()
     results = []
     for i in tqdm(range(run.rank, len(dataset), run.world), desc="eval", leave=False, disable=not run.is_main):
@@ -526,7 +527,12 @@ def evaluate(model, dataset, args, run):
         results += to_coco_results(out, target["image_id"], dataset.category_ids, image.shape[-2:])
         if i < args.visualize:
             draw_detections(image, out, dataset, os.path.join(args.output, "visualize", f"{target['image_id']}.png"))
-    val_loss = validation_loss(model, dataset, args, run)
+    return results
+
+
+def evaluate(model, dataset, args, run):
+    """COCO box and mask AP on the validation set, every rank's detections gathered to rank 0."""
+    results = detect_and_encode(model, dataset, args, run)
     if dist.is_initialized():
         gathered = [None] * run.world
         dist.all_gather_object(gathered, results)
@@ -538,7 +544,7 @@ def evaluate(model, dataset, args, run):
             json.dump(results, f)
     scores = coco_evaluate(dataset.coco, results, kinds=("bbox", "segm"))
     print_scores(scores)
-    return dict(**flatten(scores), val_loss=val_loss)
+    return flatten(scores)
 
 
 @torch.no_grad()
@@ -650,7 +656,7 @@ def main(argv=None):
     model = build(args, len(val_set.category_ids), run.device)
 
     def validate(model, done):
-        return evaluate(model, val_set, args, run)
+        return dict(evaluate(model, val_set, args, run), val_loss=validation_loss(model, val_set, args, run))
 
     if args.eval_only:
         weights = engine.resume_path(args)

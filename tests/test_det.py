@@ -1,12 +1,15 @@
-"""eval_det.py (in progress): the pyramid's strides and the cascade head on hand-made boxes."""
+"""eval_det.py: the pyramid, the cascade head and its mmdet/detectron2 rules on hand-made cases, COCO
+evaluation against pycocotools, the command line (training, resume, two processes, results files)."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from torchvision.ops import roi_align
 
 import eval_det as det
+import engine
 import pixelvit as pv
 from helpers import run_and_kill, run_script
 
@@ -264,3 +267,202 @@ def test_two_process_run_gathers_every_rank_detections(tmp_path):
     ddp_preds, one_preds = (json.load(open(tmp_path / name)) for name in ("ddp.json", "one.json"))
     assert sorted(p["image_id"] for p in ddp_preds) == sorted(p["image_id"] for p in one_preds)
     assert single["bbox_AP"] == pytest.approx(results["bbox_AP"]) and single["segm_AP"] == pytest.approx(results["segm_AP"])
+
+
+# --- paper-scale fixes: each of these failed before its fix ----------------------------------------
+
+@pytest.mark.parametrize("patch", [64, 32, 16, 8, 4, 2, 1])
+def test_every_table3_patch_builds_at_the_default_800_1333_input(patch):
+    # 800 is not a multiple of 64: the backbone used to be built at res 800 and refused patch 64
+    args = det.parse_args(["--data-path", "unused", "--patch", str(patch), "--depth", "1", "--embed-dim", "32",
+                           "--channels", "32", "--head-dims", "32", "--fc-dim", "64"])
+    model = det.build(args, 80, torch.device("cpu"))
+    assert model.transform.min_size == (800,) and model.transform.max_size == 1333
+    if patch >= 32:   # the others run in tests/test_paper_scale.py
+        model.eval()
+        images, _ = model.transform([torch.rand(3, 600, 1000)])
+        levels = model.backbone(images.tensors)
+        assert images.tensors.shape[-2:] == (832 if patch == 64 else 800, 1344)
+        assert [v.shape[-1] for v in levels.values()] == [336, 168, 84, 42, 21]
+
+
+MEMORY_PROBE = """
+import resource, sys, torch
+import engine, eval_det as det
+from types import SimpleNamespace
+
+class Photos:   # n images of 800 x 1333
+    category_ids = [1, 3]
+    def __init__(self, n):
+        self.n = n
+    def __len__(self):
+        return self.n
+    def __getitem__(self, i):
+        return torch.rand(3, 800, 1333), dict(image_id=i + 1)
+
+class Detector(torch.nn.Module):   # 100 large detections per image, as an untrained detector gives
+    def forward(self, images):
+        g = torch.Generator().manual_seed(0)
+        x1y1 = torch.rand(100, 2, generator=g) * 500
+        boxes = torch.cat([x1y1, x1y1 + 300 + torch.rand(100, 2, generator=g) * 400], 1).clamp(max=800)
+        return [dict(boxes=boxes, scores=torch.rand(100, generator=g), labels=torch.ones(100, dtype=torch.long),
+                     mask_probs=torch.rand(100, 28, 28, generator=g))]
+
+args = SimpleNamespace(visualize=0, output=".")
+results = det.detect_and_encode(Detector(), Photos(int(sys.argv[1])), args, engine.Run())
+assert len(results) == 100 * int(sys.argv[1])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_evaluation_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT, clean_env
+    peak = {}
+    for n in (1, 6):   # holding each image's pasted masks would be 100 x 800 x 1333 bytes (107 MB) per image
+        proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(n)], cwd=ROOT, env=clean_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peak[n] = int(proc.stdout.split()[-1])
+    assert peak[6] - peak[1] < 60, peak   # MB
+
+
+def test_paste_mask_as_detectron2_by_hand():
+    # a mask of ones pasted at a real-valued box covers exactly the pixels whose centres lie in the box:
+    # centres x + 0.5 in [10.3, 30.2] -> columns 10..29; y + 0.5 in [20.6, 40.1] -> rows 21..39
+    pasted = det.paste_mask(torch.ones(28, 28), torch.tensor([10.3, 20.6, 30.2, 40.1]), 64, 48)
+    expected = np.zeros((64, 48), np.uint8)
+    expected[21:40, 10:30] = 1
+    assert pasted.shape == (64, 48) and np.array_equal(pasted, expected)
+    # the left half of the mask, pasted at twice its size: columns 0..27 of 56 (the sampled value at
+    # column 27's centre is 0.75, at column 28's 0.25)
+    half = torch.zeros(28, 28)
+    half[:, :14] = 1
+    pasted = det.paste_mask(half, torch.tensor([0.0, 0.0, 56.0, 56.0]), 56, 56)
+    assert pasted[:, :28].all() and not pasted[:, 28:].any()
+    assert not det.paste_mask(torch.ones(28, 28), torch.tensor([5.0, 5.0, 5.0, 9.0]), 16, 16).any()  # empty box
+
+
+def test_roi_pool_is_aligned_and_picks_the_fpn_level():
+    # features whose value is the column index: RoIAlign with aligned=True gives, per output bin, the
+    # bin centre in feature coordinates minus the half-pixel offset: (x1 + (j + 0.5) w / 7) / stride - 0.5
+    pool = det.RoIPool(7)
+    features = {str(k): torch.arange(512 // s, dtype=torch.float32).expand(1, 1, 512 // s, 512 // s).clone()
+                for k, s in enumerate((4, 8, 16, 32))}
+    for side, stride in ((40, 4), (112, 8), (250, 16), (460, 32)):   # floor(log2(side / 56)) picks the level
+        box = torch.tensor([[6.0, 6.0, 6.0 + side, 6.0 + side]])
+        out = pool(features, [box])[0, 0]
+        expected = (6.0 + (torch.arange(7) + 0.5) * side / 7) / stride - 0.5
+        assert torch.allclose(out[3], expected, atol=1e-4), (side, stride)
+
+
+def test_mask_targets_are_aligned_crops_binarised():
+    gt = torch.zeros(1, 40, 40, dtype=torch.uint8)
+    gt[0, 8:24, 8:16] = 1   # an object 8 wide and 16 tall
+    exact = det.mask_targets(torch.tensor([[8.0, 8.0, 16.0, 24.0]]), gt, torch.tensor([0]), 28)
+    assert exact.shape == (1, 28, 28) and exact.all()
+    wide = det.mask_targets(torch.tensor([[8.0, 8.0, 24.0, 24.0]]), gt, torch.tensor([0]), 28)
+    assert wide[0, :, :14].all() and not wide[0, :, 14:].any()   # the box is twice the object's width
+
+
+def test_box_loss_is_smooth_l1_beta_1_over_the_sampled_rois():
+    deltas, targets = torch.tensor([[0.5, 2.0, 0.0, -1.0]]), torch.zeros(1, 4)
+    # 0.5 * 0.5^2 + (2 - 0.5) + 0 + 0.5 * 1^2 = 0.125 + 1.5 + 0.5, over 4 sampled RoIs
+    assert det.box_regression_loss(deltas, targets, 4).item() == pytest.approx(2.125 / 4)
+
+
+def test_later_stages_start_from_refined_rois_without_the_added_ground_truth():
+    heads = det.CascadeRoIHeads(32, 3, rois_per_image=16, conv_dims=(32,), fc_dim=16, mask_dims=(32,))
+    proposals = [torch.tensor([[2.0, 2, 30, 30], [0, 0, 60, 60]])]
+    target = dict(boxes=torch.tensor([[4.0, 4, 32, 30]]), labels=torch.tensor([2]))
+    boxes, labels, _, _, is_gt = heads.sample(0, proposals, [target])
+    assert is_gt[0].sum() == 1 and torch.equal(boxes[0][is_gt[0]], target["boxes"])
+    assert labels[0][is_gt[0]].tolist() == [2]
+
+
+def test_layer_decay_reaches_the_detection_backbone():
+    args = det.parse_args(["--data-path", "unused", "--depth", "2", "--embed-dim", "32", "--channels", "32",
+                           "--head-dims", "32", "--fc-dim", "64", "--layer-decay", "0.5"])
+    model = det.build(args, 3, torch.device("cpu"))
+    groups = engine.backbone_and_head_groups(model, model.backbone.body, args.weight_decay, args.layer_decay)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale[id(named["backbone.body.patch_embed.proj.weight"])] == 0.5 ** 3   # layer 0 of depth 2
+    assert scale[id(named["backbone.body.layers.1.mixer.in_proj.weight"])] == 0.5
+    assert scale[id(named["roi_heads.classifiers.0.weight"])] == 1.0
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    assert det.parse_args(["--data-path", "x"]).layer_decay == 1.0   # the paper's stated recipe has none
+
+
+def segm_by_area_case(tmp_path):
+    """One small object (20 x 20), detected exactly, and a higher-scored false positive: a thin
+    L-shaped mask (small by its mask area, 236 px) in a 60 x 60 box (medium by its box area)."""
+    import pycocotools.mask as mask_util
+    from pycocotools.coco import COCO
+
+    def rle(mask):
+        r = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return dict(size=r["size"], counts=r["counts"].decode("ascii"))
+    obj = np.zeros((100, 100), bool)
+    obj[10:30, 10:30] = True
+    ell = np.zeros((100, 100), bool)
+    ell[38:40, 38:98] = True
+    ell[38:98, 38:40] = True
+    gt = dict(images=[dict(id=1, width=100, height=100)], categories=[dict(id=1, name="thing")],
+              annotations=[dict(id=1, image_id=1, category_id=1, iscrowd=0, area=400.0, bbox=[10, 10, 20, 20],
+                                segmentation=rle(obj))])
+    path = tmp_path / "gt.json"
+    json.dump(gt, open(path, "w"))
+    results = [dict(image_id=1, category_id=1, score=0.9, bbox=[10.0, 10.0, 20.0, 20.0], segmentation=rle(obj)),
+               dict(image_id=1, category_id=1, score=0.95, bbox=[38.0, 38.0, 60.0, 60.0], segmentation=rle(ell))]
+    return COCO(str(path)), results
+
+
+def test_mask_ap_by_size_uses_mask_areas(tmp_path):
+    coco_gt, results = segm_by_area_case(tmp_path)
+    before = json.loads(json.dumps(results))
+    scores = det.coco_evaluate(coco_gt, results)
+    # by mask area the false positive is small: ranked first, it halves precision at full recall
+    assert scores["segm"]["APs"] == pytest.approx(50.0)
+    # by box area (the box kind's rule) it is medium and ignored among small objects
+    assert scores["bbox"]["APs"] == pytest.approx(100.0)
+    assert results == before   # the caller's results are not modified by loadRes
+
+
+def test_segm_only_results_file(tmp_path):
+    from pycocotools.cocoeval import COCOeval
+    coco_gt, results = segm_by_area_case(tmp_path)
+    segm_only = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    path = tmp_path / "segm.json"
+    json.dump(segm_only, open(path, "w"))
+    folder = tmp_path / "scored"
+    run_script("eval_det.py", ["--eval-results", str(path), "--ann-file", str(tmp_path / "gt.json"), "--output",
+                               str(folder)], tmp_path)
+    scored = json.load(open(folder / "results.json"))
+    assert not any(k.startswith("bbox_") for k in scored)
+    reference = COCOeval(coco_gt, coco_gt.loadRes(str(path)), "segm")
+    reference.evaluate()
+    reference.accumulate()
+    reference.summarize()
+    for name, v in zip(det.STAT_NAMES, reference.stats[:6]):
+        assert scored[f"segm_{name}"] == (pytest.approx(100 * v) if v >= 0 else None), name
+
+
+def test_demo_defaults_never_override_typed_flags():
+    assert det.parse_args(["--patch", "16"]).patch == 16            # 16 is the default; the demo's is 4
+    assert det.parse_args(["--lr", "1e-4", "--epochs", "12"]).lr == 1e-4
+    assert det.parse_args([]).patch == det.DEMO["patch"]              # untyped: the demo's values
+    full = det.parse_args(["--data-path", "COCO"])
+    assert (full.patch, full.min_size, full.lr) == (16, 800, 1e-4)   # with data: the paper's defaults
+
+
+def test_resume_keeps_one_log_line_per_evaluation(tmp_path):
+    data = det.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=1)
+    out = str(tmp_path / "run")
+    run_script("eval_det.py", CLI + ["--data-path", data, "--max-iters", "1", "--output", out], tmp_path)
+    with open(os.path.join(out, "log.jsonl"), "a") as f:   # an evaluation logged after the checkpoint
+        f.write(json.dumps(dict(iter=2, bbox_AP=0.0)) + "\n")
+    run_script("eval_det.py", CLI + ["--data-path", data, "--max-iters", "2", "--output", out], tmp_path)
+    assert [json.loads(line)["iter"] for line in open(os.path.join(out, "log.jsonl"))] == [1, 2]

@@ -201,3 +201,11 @@ def test_backbone_from_another_patch_size_and_resolution(tmp_path):
     assert backbone.patch_embed.proj.weight.shape[-1] == 4 and backbone.pos_embed.shape[1] == 8 * 8 + 1
     assert torch.equal(backbone.layers[2].mixer.in_proj.weight, imagenet.layers[2].mixer.in_proj.weight)
     assert torch.equal(backbone.pos_embed[:, -1], imagenet.pos_embed[:, -1])  # CLS row (last) kept apart
+
+
+def test_demo_defaults_never_override_typed_flags():
+    typed = seg.parse_args(["--patch", "16", "--lr", "5e-5"])   # both equal the defaults the demo replaces
+    assert (typed.patch, typed.lr, typed.crop) == (16, 5e-5, seg.DEMO["crop"])
+    assert seg.parse_args([]).patch == seg.DEMO["patch"]
+    full = seg.parse_args(["--data-path", "ADEChallengeData2016"])
+    assert (full.patch, full.lr, full.crop, full.num_classes, full.iters) == (16, 5e-5, 512, 150, 160_000)

@@ -357,6 +357,20 @@ def finished_results(run, args):
         return {k: v for k, v in json.load(f).items() if k not in ("args", "run_state")}
 
 
+def evaluate_checkpoint(run, args, model, evaluate):
+    """--eval-only: the weights of --resume (or of the run folder's checkpoint) through
+    evaluate(model, 0), reported as iteration 0."""
+    weights = resume_path(args)
+    if not weights:
+        raise SystemExit("--eval-only needs weights: --resume CHECKPOINT, or a run in --output")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)["model"]
+        model.load_state_dict(state)
+    except (RuntimeError, EOFError, OSError, KeyError) as e:
+        raise SystemExit(f"--resume {weights}: not a checkpoint of this model ({e})") from None
+    return report(run, args, evaluate(data_parallel(model, run), 0), iter=0, weights=weights)
+
+
 # ----------------------------------------------------------------------------------------------
 # Samplers
 

@@ -659,11 +659,7 @@ def main(argv=None):
         return dict(evaluate(model, val_set, args, run), val_loss=validation_loss(model, val_set, args, run))
 
     if args.eval_only:
-        weights = engine.resume_path(args)
-        if not weights:
-            raise SystemExit("--eval-only needs --resume CHECKPOINT")
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
-        metrics = engine.report(run, args, validate(engine.data_parallel(model, run), 0), iter=0, weights=weights)
+        metrics = engine.evaluate_checkpoint(run, args, model, validate)
     else:
         train_set = CocoInstances(os.path.join(args.data_path, "train2017"),
                                   os.path.join(args.data_path, "annotations", "instances_train2017.json"), train=True)

@@ -511,11 +511,7 @@ def main(argv=None):
         return metrics
 
     if args.eval_only:
-        weights = engine.resume_path(args)
-        if not weights:
-            raise SystemExit("--eval-only needs --resume CHECKPOINT")
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
-        metrics = engine.report(run, args, validate(engine.data_parallel(model, run), 0), iter=0, weights=weights)
+        metrics = engine.evaluate_checkpoint(run, args, model, validate)
     else:
         train_set = TrainCrops(ADESegmentation(args.data_path, "training", args.num_classes), args.crop, args.crop,
                                args.seed)

@@ -13,7 +13,7 @@ resize. What is shrunk, and only to fit two CPU cores inside CI's budget:
     pyramid and heads run at full width (256 channels, 4conv1fc 1024) in Adventurer-B's patch-64
     row, UperNet at full width (288 / 192 channels) at patch 16 of each model,
     and the other rows at 64 channels.
-The global batch is one GPU's share of the paper's 16 on 8 GPUs (2 crops; 1 COCO image).
+The batch is one GPU's share of the paper's 16 on 8 GPUs for ADE20k (2 crops), and 1 image for COCO.
 """
 import json
 import os

@@ -10,6 +10,7 @@ moment and resumed from its last checkpoint ends with the weights of one that ne
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -259,8 +260,11 @@ def optimizer_step(model, optimizer, scaler=None, clip_grad=None):
 
 
 def check_finite(loss, where, output):
-    if not torch.isfinite(loss):
-        raise SystemExit(f"loss is {loss.item()} at {where}: stopping. The last good checkpoint in {output} "
+    """Stop every rank together when any rank's loss is not finite (a sum over ranks carries the
+    NaN or inf to all of them, so none is left waiting in the next collective)."""
+    total = all_reduce([loss.item()], loss.device)[0]
+    if not math.isfinite(total):
+        raise SystemExit(f"loss is {total} at {where}: stopping. The last good checkpoint in {output} "
                          f"is intact. Try a lower --lr, --clip-grad 1.0, or --amp bf16 instead of fp16.")
 
 
@@ -323,8 +327,9 @@ def keep_log_lines(path, before, key):
     if os.path.exists(path):
         with open(path) as f:
             lines = [line for line in f if json.loads(line)[key] < before]
-        with open(path, "w") as f:
+        with open(f"{path}.tmp", "w") as f:
             f.writelines(lines)
+        os.replace(f"{path}.tmp", path)
 
 
 def write_json(path, obj):
@@ -359,7 +364,8 @@ def finished_results(run, args):
 
 def evaluate_checkpoint(run, args, model, evaluate):
     """--eval-only: the weights of --resume (or of the run folder's checkpoint) through
-    evaluate(model, 0), reported as iteration 0."""
+    evaluate(model, 0), written to OUTPUT/eval.json, so that a training run's results.json and
+    log.jsonl in the same folder stay as they are."""
     weights = resume_path(args)
     if not weights:
         raise SystemExit("--eval-only needs weights: --resume CHECKPOINT, or a run in --output")
@@ -368,7 +374,10 @@ def evaluate_checkpoint(run, args, model, evaluate):
         model.load_state_dict(state)
     except (RuntimeError, EOFError, OSError, KeyError) as e:
         raise SystemExit(f"--resume {weights}: not a checkpoint of this model ({e})") from None
-    return report(run, args, evaluate(data_parallel(model, run), 0), iter=0, weights=weights)
+    metrics = dict(evaluate(data_parallel(model, run), 0), weights=weights)
+    if run.is_main:
+        write_json(os.path.join(args.output, "eval.json"), dict(metrics, args=jsonable(args), run_state=run.as_dict()))
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,7 +438,8 @@ def train_iterations(run, args, model, groups, train_set, loss_of, lr_at, total,
         run.start = load_training_state(resume, model, optimizer, scaler)["iter"]
         if run.is_main:
             print(f"resumed from {resume} at iteration {run.start}")
-            keep_log_lines(os.path.join(args.output, "log.jsonl"), run.start + 1, key="iter")
+    if run.is_main:  # evaluations after the checkpoint run again; a fresh start drops an old log
+        keep_log_lines(os.path.join(args.output, "log.jsonl"), run.start + 1 if resume else 0, key="iter")
     if run.start >= total:
         return finished_results(run, args)
     wrapped = data_parallel(model, run)
@@ -453,7 +463,8 @@ def train_iterations(run, args, model, groups, train_set, loss_of, lr_at, total,
             check_finite(loss.detach(), f"iteration {it}", args.output)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(it):.2e}")
         if eval_due(done) or done == total:
-            metrics = report(run, args, evaluate(wrapped, done), iter=done, train_loss=loss.item())
+            train_loss = all_reduce([loss.item()], run.device)[0] / run.world
+            metrics = report(run, args, evaluate(wrapped, done), iter=done, train_loss=train_loss)
         if done % args.save_every == 0 or done == total:
             save_training_state(latest, run, args, wrapped, optimizer, scaler, iter=done)
     return metrics

@@ -301,7 +301,7 @@ class RoIPool(nn.Module):
         for k, (feature, stride) in enumerate(zip(maps, self.strides)):
             index = torch.where(level == k)[0]
             order.append(index)
-            pooled.append(roi_align(feature, rois[index].to(feature.dtype), self.output_size, spatial_scale=1 / stride,
+            pooled.append(roi_align(feature.float(), rois[index], self.output_size, spatial_scale=1 / stride,
                                     sampling_ratio=0, aligned=True))
         pooled = torch.cat(pooled)
         out = torch.empty_like(pooled)
@@ -363,9 +363,10 @@ class CascadeRoIHeads(nn.Module):
                                         for _ in stages)
 
     def stage(self, t, features, boxes):
-        """Class logits and box deltas of stage t for lists of boxes."""
+        """Class logits and box deltas of stage t for lists of boxes, in float32 (under bf16 autocast,
+        decoding bf16 deltas would round the boxes to 8 px at 1,000 px)."""
         x = self.box_heads[t](self.box_pool(features, boxes))
-        return self.classifiers[t](x), self.regressors[t](x)
+        return self.classifiers[t](x).float(), self.regressors[t](x).float()
 
     def mask_logits(self, t, features, boxes, labels):
         """Stage t's mask logits [n, M, M] for the boxes, each for its own class."""
@@ -450,12 +451,21 @@ class CascadeRoIHeads(nn.Module):
 # The detector
 
 
+class RPNHead32(RPNHead):
+    """torchvision's RPN head with float32 outputs: its box decoding casts the anchors to the
+    deltas' dtype, which under bf16 autocast would round proposals to 8 px at 1,000 px."""
+
+    def forward(self, x):
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
 def build_detector(backbone_model, num_classes, channels=256, min_size=800, max_size=1333, rois_per_image=512,
                    rpn_batch=256, head_dims=256, fc_dim=1024):
     """Cascade Mask R-CNN on a pixelvit backbone, at the paper's input size (short side 800, long 1333)."""
     backbone = PyramidBackbone(backbone_model, channels)
     anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-    rpn = RegionProposalNetwork(anchors, RPNHead(channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+    rpn = RegionProposalNetwork(anchors, RPNHead32(channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
                                 batch_size_per_image=rpn_batch, positive_fraction=0.5,
                                 pre_nms_top_n=dict(training=2000, testing=1000),
                                 post_nms_top_n=dict(training=2000, testing=1000), nms_thresh=0.7)

@@ -48,7 +48,11 @@ INT32_LIMIT = 2**31 - 1
 # The chunk length of the PyTorch SSD path. Any length gives the same result up to rounding;
 # it trades the sequential chunk loop against (chunk x chunk) decay matrices. 128 was fastest for
 # forward+backward on CPU and holds half the memory of the kernels' 256.
-TORCH_SSD_CHUNK = 128
+TORCH_SSD_CHUNK = 64
+# Tokens per block of chunks that the PyTorch SSD works through at a time (and recomputes in
+# backward): small enough that a block's temporaries stay in cache and are reused, not mapped
+# afresh from the OS for every pass.
+TORCH_SSD_BLOCK = 1024
 
 
 def kernel_batch_limit(seqlen, width):
@@ -141,24 +145,15 @@ def segsum(a):
     return out.masked_fill(~torch.ones(q, q, dtype=torch.bool, device=a.device).tril(), -torch.inf)
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size=256):
-    """Chunked SSD, same arguments and result as `ssd_recurrent`, in O(l) work and memory.
-
-    The sequence is cut into the fewest chunks of at most `chunk_size` tokens, all of one length.
-    Any length works: the end is padded with dt = 0 (decay 1, no input), which leaves the real
-    outputs and the carried state untouched, and cropped afterwards.
-    """
-    dtype = _compute_dtype(x)
-    x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
+def _ssd_chunks(x, dt, A, B, C, state, q):
+    """SSD over a stretch of whole chunks of q tokens, started from `state` (b, g, e, p, n);
+    returns y (b, l, h, p) and the state after the stretch."""
     b, l, h, p = x.shape
-    g = B.shape[2]
-    c = -(-l // chunk_size)                                 # number of chunks
-    q = -(-l // c)                                          # balanced length <= chunk_size, so
-    pad = c * q - l                                         # fewer than c tokens are padding
+    g, c = B.shape[2], l // q
 
     def to_chunks(t):
         """(b, l, heads, ...) -> (b, g, heads/g, c, q, ...): each B/C group with its heads."""
-        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).view(b, c, q, g, -1, *t.shape[3:])
+        t = t.reshape(b, c, q, g, -1, *t.shape[3:])
         return t.permute(0, 3, 4, 1, 2, *range(5, t.dim())).contiguous()
 
     xdt = to_chunks(x * dt[..., None])                      # (b, g, e, c, q, p)
@@ -177,7 +172,6 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256):
     #    chunks are taken apart with unbind, whose backward is one stack; indexing chunk k of the
     #    stacked tensor instead would make each step's backward write a full-size gradient.
     chunk_decay = torch.exp(a.sum(-1))[..., None, None]     # (b, g, e, c, 1, 1)
-    state = torch.zeros_like(chunk_states[:, :, :, 0])
     states_in = []
     for decay_k, added_k in zip(chunk_decay.unbind(3), chunk_states.unbind(3)):
         states_in.append(state)
@@ -187,7 +181,42 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256):
     # 4. The carried-in state, read out by C and decayed from the chunk start to each position.
     decay_from_start = torch.exp(a.cumsum(-1))[..., None]   # (b, g, e, c, q, 1)
     y = y + (C @ states_in.transpose(-1, -2)) * decay_from_start
-    return y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * q, h, p)[:, :l]
+    return y.permute(0, 3, 4, 1, 2, 5).reshape(b, l, h, p), state
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size=256, block_size=None):
+    """Chunked SSD, same arguments and result as `ssd_recurrent`, in O(l) work and memory.
+
+    The sequence is cut into the fewest chunks of at most `chunk_size` tokens, all of one length.
+    Any length works: the end is padded with dt = 0 (decay 1, no input), which leaves the real
+    outputs and the carried state untouched, and cropped afterwards. The chunks are processed in
+    blocks of about `block_size` tokens (TORCH_SSD_BLOCK), one block's temporaries at a time, the
+    state carried from block to block. Under autograd each block is recomputed in the backward
+    pass: what is kept for backward is the inputs and one state per block, not the (q x q) decay
+    and score matrices, and the cost per token stays flat at any length.
+    """
+    dtype = _compute_dtype(x)
+    x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    c = -(-l // chunk_size)                                 # number of chunks
+    q = -(-l // c)                                          # balanced length <= chunk_size, so
+    pad = c * q - l                                         # fewer than c tokens are padding
+    if pad:
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    step = q * max(1, (block_size or TORCH_SSD_BLOCK) // q)
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C))
+    state = x.new_zeros(b, g, h // g, p, n)
+    ys = []
+    # split, not slicing: its backward is one concatenation, where each slice's backward would
+    # write a full-length gradient (quadratic in the number of blocks)
+    for xb, dtb, Bb, Cb in zip(*(t.split(step, dim=1) for t in (x, dt, B, C))):
+        if recompute:
+            y, state = checkpoint(_ssd_chunks, xb, dtb, A, Bb, Cb, state, q, use_reentrant=False)
+        else:
+            y, state = _ssd_chunks(xb, dtb, A, Bb, Cb, state, q)
+        ys.append(y)
+    return torch.cat(ys, dim=1)[:, :l]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -654,8 +654,10 @@ def main(argv=None):
             print(json.dumps(metrics))
             engine.write_json(os.path.join(args.output, "eval.json"),
                               dict(metrics, weights=init, args=engine.jsonable(args), run_state=run.as_dict()))
+        engine.finish()
         return metrics
     if start_epoch >= args.epochs:
+        engine.finish()
         return engine.finished_results(run, args)
 
     mixup, criterion = loss_function(args)

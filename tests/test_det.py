@@ -259,11 +259,13 @@ def test_two_process_run_gathers_every_rank_detections(tmp_path):
                                      "--save-predictions", str(tmp_path / "ddp.json")], tmp_path, nproc=2)
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["run_state"]["world"] == 2
-    # one process evaluating the same checkpoint finds the same detections and the same AP
-    run_script("eval_det.py", CLI + ["--data-path", data, "--output", str(tmp_path / "one"), "--eval-only", "--resume",
-                                     os.path.join(out, "checkpoint.pth"), "--save-predictions", str(tmp_path / "one.json")],
-               tmp_path)
-    single = json.load(open(tmp_path / "one" / "results.json"))
+    log = open(os.path.join(out, "log.jsonl")).read()
+    # one process evaluating the same checkpoint, in the run's folder, finds the same detections and the
+    # same AP, written to eval.json: the training run's results and log stay as they were
+    run_script("eval_det.py", CLI + ["--data-path", data, "--output", out, "--eval-only",
+                                     "--save-predictions", str(tmp_path / "one.json")], tmp_path)
+    single = json.load(open(os.path.join(out, "eval.json")))
+    assert json.load(open(os.path.join(out, "results.json"))) == results and open(os.path.join(out, "log.jsonl")).read() == log
     ddp_preds, one_preds = (json.load(open(tmp_path / name)) for name in ("ddp.json", "one.json"))
     assert sorted(p["image_id"] for p in ddp_preds) == sorted(p["image_id"] for p in one_preds)
     assert single["bbox_AP"] == pytest.approx(results["bbox_AP"]) and single["segm_AP"] == pytest.approx(results["segm_AP"])
@@ -374,12 +376,42 @@ def test_box_loss_is_smooth_l1_beta_1_over_the_sampled_rois():
 
 
 def test_later_stages_start_from_refined_rois_without_the_added_ground_truth():
-    heads = det.CascadeRoIHeads(32, 3, rois_per_image=16, conv_dims=(32,), fc_dim=16, mask_dims=(32,))
-    proposals = [torch.tensor([[2.0, 2, 30, 30], [0, 0, 60, 60]])]
-    target = dict(boxes=torch.tensor([[4.0, 4, 32, 30]]), labels=torch.tensor([2]))
-    boxes, labels, _, _, is_gt = heads.sample(0, proposals, [target])
-    assert is_gt[0].sum() == 1 and torch.equal(boxes[0][is_gt[0]], target["boxes"])
-    assert labels[0][is_gt[0]].tolist() == [2]
+    torch.manual_seed(0)
+    heads = det.CascadeRoIHeads(32, 3, rois_per_image=16, conv_dims=(32,), fc_dim=16, mask_dims=(32,)).train()
+    features = {str(i): torch.randn(1, 32, 32 // 2**i, 32 // 2**i) for i in range(4)}
+    proposals = [torch.tensor([[2.0, 2, 30, 30], [0, 0, 60, 60], [10, 12, 40, 50]])]
+    masks = torch.zeros(1, 128, 128, dtype=torch.uint8)
+    masks[0, 4:30, 4:32] = 1
+    targets = [dict(boxes=torch.tensor([[4.0, 4, 32, 30]]), labels=torch.tensor([2]), masks=masks)]
+    inputs, sampled, refined = [], [], []
+    sample, refine = heads.sample, heads.refine
+    heads.sample = lambda t, boxes, targets: inputs.append(boxes) or sampled.append(sample(t, boxes, targets)) or sampled[-1]
+    heads.refine = lambda *a: refined.append(refine(*a)) or refined[-1]
+    heads(features, proposals, [(128, 128)], targets)
+    assert len(inputs[0][0]) == 3     # stage 0: the proposals; the sampler then adds the ground truth
+    for t in (1, 2):   # stage t starts from stage t-1's sampled RoIs, refined, less the one ground truth added
+        is_gt = sampled[t - 1][-1][0]
+        assert is_gt.sum() == 1 and torch.equal(sampled[t - 1][0][0][is_gt], targets[0]["boxes"])
+        assert len(inputs[t][0]) == len(sampled[t - 1][0][0]) - 1
+        assert torch.equal(inputs[t][0], refined[t - 1][0][~is_gt])
+
+
+def test_boxes_are_decoded_in_float32_under_bf16_autocast():
+    # a proposal at real-valued coordinates near 1,000 px through a stage that predicts no change:
+    # bf16 (8 bits of mantissa) would round it to multiples of 4-8 px
+    heads = det.CascadeRoIHeads(32, 3, conv_dims=(32,), fc_dim=16, mask_dims=(32,)).eval()
+    for regressor in heads.regressors:
+        torch.nn.init.zeros_(regressor.weight), torch.nn.init.zeros_(regressor.bias)
+    features = {str(i): torch.randn(1, 32, 320 // 2**i, 320 // 2**i) for i in range(4)}
+    box = torch.tensor([[901.3, 700.7, 1201.9, 1100.2]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, deltas = heads.stage(0, features, [box])
+        refined = heads.refine(0, deltas, [box], [(1280, 1280)])
+    assert deltas.dtype == torch.float32 and torch.allclose(refined[0], box, atol=1e-3)
+    rpn = det.RPNHead32(32, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        objectness, rpn_deltas = rpn([features["0"]])
+    assert objectness[0].dtype == rpn_deltas[0].dtype == torch.float32
 
 
 def test_layer_decay_reaches_the_detection_backbone():

@@ -48,7 +48,17 @@ def test_fp16_resume_restores_the_loss_scaler(tmp_path):
     assert metrics["iter"] == 6 and [line.count('"iter"') for line in open(tmp_path / "resumed" / "log.jsonl")] == [1] * 6
 
 
-def test_a_finished_run_returns_its_results(tmp_path):
+def test_a_finished_run_returns_its_results_and_trains_no_more(tmp_path):
     first, _ = fit(str(tmp_path / "run"), 2)
+    log, stamp = open(tmp_path / "run" / "log.jsonl").read(), os.stat(tmp_path / "run" / "results.json").st_mtime_ns
     again, _ = fit(str(tmp_path / "run"), 2)
-    assert again["iter"] == 2 and again["weight"] == first["weight"]
+    assert again == first
+    assert open(tmp_path / "run" / "log.jsonl").read() == log
+    assert os.stat(tmp_path / "run" / "results.json").st_mtime_ns == stamp
+
+
+def test_a_fresh_start_drops_the_old_log(tmp_path):
+    fit(str(tmp_path / "run"), 3)
+    os.remove(tmp_path / "run" / "checkpoint.pth")   # as --no-resume ignores it
+    fit(str(tmp_path / "run"), 2)
+    assert [line.count('"iter"') for line in open(tmp_path / "run" / "log.jsonl")] == [1, 1]

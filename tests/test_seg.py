@@ -155,7 +155,8 @@ def test_two_process_run_and_saved_predictions(tmp_path):
     # one process evaluates the same checkpoint to the same numbers, and its PNGs re-score to them
     run(TINY + ["--data-path", data, "--num-classes", "5", "--eval-only", "--resume", os.path.join(out, "checkpoint.pth"),
                 "--output", str(tmp_path / "eval"), "--save-predictions", preds, "--head", "upernet"], tmp_path)
-    single = json.load(open(tmp_path / "eval" / "results.json"))
+    single = json.load(open(tmp_path / "eval" / "eval.json"))
+    assert not os.path.exists(tmp_path / "eval" / "log.jsonl")
     assert single["mIoU"] == pytest.approx(results["mIoU"]) and single["val_loss"] == pytest.approx(results["val_loss"])
     assert sorted(os.listdir(preds)) == sorted(os.listdir(os.path.join(data, "annotations", "validation")))
     assert rescore(preds, data) == pytest.approx(single["mIoU"])

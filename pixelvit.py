@@ -46,13 +46,17 @@ INT32_LIMIT = 2**31 - 1
 
 
 # The chunk length of the PyTorch SSD path. Any length gives the same result up to rounding;
-# it trades the sequential chunk loop against (chunk x chunk) decay matrices. 128 was fastest for
-# forward+backward on CPU and holds half the memory of the kernels' 256.
+# it trades the sequential chunk loop against (chunk x chunk) decay matrices. Measured for an
+# Adventurer-T training step on 2 CPU cores, 64 beat 32 and 128 from 1,024 to 50,176 tokens.
 TORCH_SSD_CHUNK = 64
 # Tokens per block of chunks that the PyTorch SSD works through at a time (and recomputes in
 # backward): small enough that a block's temporaries stay in cache and are reused, not mapped
 # afresh from the OS for every pass.
 TORCH_SSD_BLOCK = 1024
+# From this many tokens on, the PyTorch Mamba-2 mixer recomputes its conv, scan and norm in the
+# backward pass instead of keeping their intermediates (measured on CPU: +80 % step time at 16
+# tokens, +6 % at 256, +15 % at 1,024, none at 4,096).
+TORCH_RECOMPUTE_MIN_TOKENS = 256
 
 
 def kernel_batch_limit(seqlen, width):
@@ -205,7 +209,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256, block_size=None):
     if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     step = q * max(1, (block_size or TORCH_SSD_BLOCK) // q)
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C))
+    recompute = (torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C))
+                 and c * q > step)                          # one block: nothing to gain
     state = x.new_zeros(b, g, h // g, p, n)
     ys = []
     # split, not slicing: its backward is one concatenation, where each slice's backward would
@@ -324,6 +329,17 @@ class Mamba2Mixer(nn.Module):
         return torch.cat([fused(part) for part in zxbcdt.split(max_batch)], dim=0)
 
     def _torch(self, zxbcdt):
+        # Under autograd the conv, scan and gated norm are recomputed in the backward pass: they keep
+        # only their input for it, as mamba-ssm's fused kernel does, instead of a dozen
+        # full-length intermediates. Short sequences skip it: their activations are small and the
+        # recompute's per-operation overhead would dominate.
+        if torch.is_grad_enabled() and zxbcdt.requires_grad and zxbcdt.shape[1] >= TORCH_RECOMPUTE_MIN_TOKENS:
+            y = checkpoint(self._conv_scan_norm, zxbcdt, use_reentrant=False)
+        else:
+            y = self._conv_scan_norm(zxbcdt)
+        return self.out_proj(y.to(zxbcdt.dtype))
+
+    def _conv_scan_norm(self, zxbcdt):
         b, l, _ = zxbcdt.shape
         g, n, h, p = self.ngroups, self.d_state, self.nheads, self.headdim
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, h], dim=-1)
@@ -337,8 +353,7 @@ class Mamba2Mixer(nn.Module):
         y = ssd_chunked(x, dt, A, B.view(b, l, g, n), C.view(b, l, g, n),
                         min(self.chunk_size, TORCH_SSD_CHUNK))
         y = y + self.D.to(dtype)[:, None] * x.to(dtype)                  # skip connection
-        y = self.norm(y.reshape(b, l, self.d_inner), z)
-        return self.out_proj(y.to(zxbcdt.dtype))
+        return self.norm(y.reshape(b, l, self.d_inner), z)
 
 
 class SwiGLU(nn.Module):

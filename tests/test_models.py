@@ -142,6 +142,23 @@ def test_adventurer_default_mixer_sizes_match_reference():
     assert torch.allclose(model(x), expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("recompute_from", [1, 10**9])   # the mixer recomputed in backward, or not
+def test_adventurer_gradients_match_the_reference(monkeypatch, recompute_from):
+    # every parameter's gradient through the mixer and a multi-block SSD (blocks of 16 tokens: 18
+    # tokens with CLS and the mean token), against autograd of the functional reference
+    monkeypatch.setattr(pv, "TORCH_SSD_BLOCK", 16)
+    monkeypatch.setattr(pv, "TORCH_RECOMPUTE_MIN_TOKENS", recompute_from)
+    torch.manual_seed(0)
+    model = perturb_norm_weights(tiny("adv_t", depth=4)).double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    weights = torch.randn(2, 7, dtype=torch.float64)
+    (model(x) * weights).sum().backward()
+    state = {k: v.detach().clone().requires_grad_(True) for k, v in model.state_dict().items()}
+    (adventurer_reference(state, x, 4, {2, 3}) * weights).sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, state[name].grad, rtol=1e-8, atol=1e-10), name
+
+
 def test_flip_schedule_changes_the_function():
     torch.manual_seed(0)
     a = tiny("adv_t", depth=6).double().eval()

@@ -85,3 +85,16 @@ def test_mixer_is_causal_and_matches_float64():
     assert torch.equal(y[:, :17], y2[:, :17])
     assert (y[:, 17:] - y2[:, 17:]).abs().max() > 1e-6
     assert mixer.last_path == "torch_chunked_ssd"
+
+
+@pytest.mark.parametrize("block", [21, 1024])   # blocks of 3 chunks (recomputed in backward), or one block
+def test_blocks_forward_and_every_gradient_match_the_recurrence(block):
+    inputs = [t.requires_grad_(True) for t in random_ssd_inputs(2, 100, 4, 8, 2, 16)]
+    weights = torch.randn(2, 100, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = pv.ssd_chunked(*inputs, chunk_size=7, block_size=block)
+    grads = torch.autograd.grad((y * weights).sum(), inputs)
+    expected = pv.ssd_recurrent(*inputs)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    assert torch.allclose(y, expected, rtol=0, atol=1e-12)
+    for name, got, want in zip("x dt A B C".split(), grads, expected_grads):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), name

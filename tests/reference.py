@@ -1,4 +1,5 @@
-"""Independent references for the tests, written from ../shared/reference/MODELS.md and the papers,
+"""Independent references for the tests, written from the official sources (wangf3014/Patch_Scaling
+`models_mamba.py` and `mamba_custom.py`, state-spaces/mamba 2.0.4 `Mamba2`) and the papers,
 sharing no code with pixelvit.py.
 
 * `ssd_quadratic`: the SSD layer in its "attention" (dual) form, one full L x L matrix.

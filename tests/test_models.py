@@ -33,7 +33,7 @@ def n_params(model):
 # --- layout and sizes against the official code ------------------------------------------------
 
 def official_adventurer_keys(D=256, depth=12, classes=1000, patch=16, res=224):
-    """MODELS.md section 7: the state dict of Patch_Scaling's adventurer_tiny_patch16, in order."""
+    """The state dict of wangf3014/Patch_Scaling's adventurer_tiny_patch16 (`models_mamba.py`), in order."""
     d_inner, nheads, hidden = 2 * D, 2 * D // 64, int(2.5 * D)
     conv = d_inner + 128
     keys = [("cls_token", (1, 1, D)), ("pos_embed", (1, (res // patch) ** 2 + 1, D)),
@@ -58,7 +58,7 @@ def test_adventurer_tiny_state_dict_is_the_official_one():
         sd = pv.create_model("adventurer_tiny_patch16").state_dict()
     got = [(k, tuple(v.shape)) for k, v in sd.items()]
     assert got == official_adventurer_keys()
-    assert len(got) == 199  # MODELS.md: 7 + 16 x 12 tensors, no buffers
+    assert len(got) == 199  # the official model: 7 + 16 x 12 tensors, no buffers
     assert sum(v.numel() for v in sd.values()) == 11_608_840
     # the in_proj split of Tiny is [z 512 | x 512 | B 64 | C 64 | dt 8]
     assert sd["layers.0.mixer.in_proj.weight"].shape[0] == 512 + 512 + 64 + 64 + 8
@@ -73,7 +73,7 @@ def test_deit_state_dict_is_timms():
     assert len(ours) == 152
 
 
-# MODELS.md section 9 (verified there by instantiating the official modules), millions.
+# Counted by instantiating the official Patch_Scaling modules (`models_mamba.py`), millions.
 PARAMS_BY_PATCH = {  # p16, p8, p4, p2, p1 at 224 px, 1000 classes
     "adv_t": (11.61, 11.61, 12.18, 14.58, 24.21),
     "adv_s": (44.49, 44.50, 45.63, 50.43, 69.69),
@@ -112,7 +112,7 @@ def test_table7_sizes(name, paper):
     assert (cfg["embed_dim"], mlp, cfg["depth"]) == table[name]
 
 
-@pytest.mark.parametrize("name,res,expected", [  # the released checkpoints (MODELS.md section 9)
+@pytest.mark.parametrize("name,res,expected", [  # the released checkpoints' tensors, summed
     ("adventurer_tiny_patch1", 64, 12.41), ("adventurer_small_patch1", 128, 52.39),
     ("adventurer_base_patch1", 128, 110.50), ("adventurer_base_patch16", 448, 99.11),
     ("adventurer_base_patch8", 448, 100.47)])
@@ -286,7 +286,7 @@ def test_drop_path_rates():
     with torch.device("meta"):
         adv = pv.create_model("adv_t", drop_path=0.1)
         deit = pv.create_model("deit_t", drop_path=0.1)
-    # MODELS.md section 4: official Adventurer rule [0] + linspace(0, rate, depth) per block index
+    # Patch_Scaling `models_mamba.py`: the official Adventurer rule [0] + linspace(0, rate, depth) per block index
     rates = [block.drop_path.p for block in adv.layers]
     assert rates[:2] == [0.0, 0.0] and rates[2] == pytest.approx(0.1 / 11) and rates[11] == pytest.approx(1 / 11)
     assert [b.drop_path.p for b in deit.blocks] == pytest.approx([0.1 * i / 11 for i in range(12)])
@@ -346,7 +346,7 @@ def test_backends_reports_the_path_taken():
 # --- the int32 limit of the mamba-ssm kernels ---------------------------------------------------
 
 def test_kernel_batch_limit_matches_the_known_figures():
-    # MODELS.md section 12: Adventurer-B (in_proj width 3224), seqlen N+2
+    # state-spaces/mamba #1015 (int32 offsets): Adventurer-B (in_proj width 3224), seqlen N+2
     assert pv.kernel_batch_limit(224 * 224 + 2, 3224) == 13
     assert pv.kernel_batch_limit(112 * 112 + 2, 3224) == 53
     assert pv.kernel_batch_limit(56 * 56 + 2, 3224) == 212

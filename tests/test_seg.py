@@ -80,7 +80,7 @@ def test_mmseg_resize_rule():
 # --- heads ------------------------------------------------------------------------------------------
 
 def upernet_formula(C, ch, classes=150):
-    """DENSE.md: mmseg UPerHead parameters, 16 C ch + 99 ch^2 + 174 ch + classes (BN affine)."""
+    """mmseg 1.x `UPerHead` parameters (counted from its layers), 16 C ch + 99 ch^2 + 174 ch + classes (BN affine)."""
     return 16 * C * ch + 99 * ch * ch + 174 * ch + classes
 
 

@@ -98,7 +98,7 @@ def test_param_groups_follow_the_official_rule():
 
 # --- FLOPs and the benchmark ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,patch,expected", [  # ../shared PERFORMANCE.md section 1, derived by hand
+@pytest.mark.parametrize("name,patch,expected", [  # derived by hand from the layer shapes
     ("adv_b", 16, 41.0e9), ("adv_b", 4, 654e9), ("adv_b", 1, 10.47e12),
     ("deit_b", 16, 35.1e9), ("deit_b", 4, 896e9), ("deit_b", 1, 101.3e12)])
 def test_analytic_flops_match_the_hand_derivation(name, patch, expected):

@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import pickle
+import time
 import warnings
 from dataclasses import dataclass, fields
 
@@ -47,15 +48,17 @@ INT32_LIMIT = 2**31 - 1
 
 # The chunk length of the PyTorch SSD path. Any length gives the same result up to rounding;
 # it trades the sequential chunk loop against (chunk x chunk) decay matrices. Measured for an
-# Adventurer-T training step on 2 CPU cores, 64 beat 32 and 128 from 1,024 to 50,176 tokens.
+# Adventurer-T training step on 2 CPU cores: 64 fastest at 1,024 tokens, level with 32 at 4,096,
+# 128 slower by a quarter at both.
 TORCH_SSD_CHUNK = 64
-# Tokens per block of chunks that the PyTorch SSD works through at a time (and recomputes in
-# backward): small enough that a block's temporaries stay in cache and are reused, not mapped
-# afresh from the OS for every pass.
-TORCH_SSD_BLOCK = 1024
-# From this many tokens on, the PyTorch Mamba-2 mixer recomputes its conv, scan and norm in the
-# backward pass instead of keeping their intermediates (measured on CPU: +80 % step time at 16
-# tokens, +6 % at 256, +15 % at 1,024, none at 4,096).
+# Tokens that the PyTorch Mamba-2 path (the mixer, and `ssd_chunked` on its own) works through at
+# a time, recomputing each block in backward: small enough that a block's temporaries stay in
+# cache and are reused by the allocator, not mapped afresh from the OS for every pass (which at
+# 50,176 tokens cost as much system time as compute). 1,024 and 2,048 measured alike.
+TORCH_BLOCK_TOKENS = 1024
+# From this many tokens on, the PyTorch Mamba-2 mixer recomputes each block in the backward pass
+# instead of keeping its intermediates (below it, the recompute's per-operation overhead costs
+# more time than the memory is worth).
 TORCH_RECOMPUTE_MIN_TOKENS = 256
 
 
@@ -64,23 +67,41 @@ def kernel_batch_limit(seqlen, width):
     return INT32_LIMIT // (seqlen * width)
 
 
+def _kernel_unavailable(package, reason):
+    """A kernel package that cannot be used. With PIXELVIT_REQUIRE_KERNELS=1 (benchmarks, GPU
+    tests) that is an error; otherwise, where CUDA is present, one warning with the reason, and
+    the exact PyTorch path is used instead."""
+    message = f"{package} kernels unavailable ({reason}); the PyTorch path is used instead"
+    if os.environ.get("PIXELVIT_REQUIRE_KERNELS") == "1":
+        raise RuntimeError(f"{message}, but PIXELVIT_REQUIRE_KERNELS=1 requires them")
+    if torch.cuda.is_available():
+        warnings.warn(message, stacklevel=3)
+
+
 @functools.cache
 def _flash_attn_func():
     try:
         from flash_attn import flash_attn_func
-        return flash_attn_func
-    except Exception:  # not installed, or built for another torch/CUDA
-        return None
+    except Exception as e:  # not installed, or built for another torch/CUDA
+        return _kernel_unavailable("flash-attn", f"{type(e).__name__}: {e}")
+    return flash_attn_func
 
 
 @functools.cache
 def _mamba_fused_scan():
     try:
-        import causal_conv1d  # noqa: F401  (the fused op calls it unconditionally)
-        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
-        return mamba_split_conv1d_scan_combined
-    except Exception:
-        return None
+        from mamba_ssm.ops.triton import ssd_combined
+    except Exception as e:  # not installed, or built for another torch/CUDA
+        return _kernel_unavailable("mamba-ssm", f"{type(e).__name__}: {e}")
+    # mamba-ssm imports causal-conv1d inside a try and leaves its functions None when causal-conv1d
+    # is missing (or, from mamba-ssm 2.2.5, older than 1.5.1); the fused op then fails at its first
+    # call with "'NoneType' object is not callable".
+    conv_functions = ("causal_conv1d_fn", "causal_conv1d_cuda", "causal_conv1d_fwd_function",
+                      "causal_conv1d_bwd_function")
+    if any(hasattr(ssd_combined, f) and getattr(ssd_combined, f) is None for f in conv_functions):
+        return _kernel_unavailable("mamba-ssm", "it found no usable causal-conv1d; mamba-ssm >= 2.2.5 "
+                                                "needs causal-conv1d >= 1.5.1")
+    return ssd_combined.mamba_split_conv1d_scan_combined
 
 
 def backends(model=None):
@@ -188,16 +209,21 @@ def _ssd_chunks(x, dt, A, B, C, state, q):
     return y.permute(0, 3, 4, 1, 2, 5).reshape(b, l, h, p), state
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size=256, block_size=None):
+def ssd_chunked(x, dt, A, B, C, chunk_size=256, block_size=None, initial_state=None,
+                return_final_state=False):
     """Chunked SSD, same arguments and result as `ssd_recurrent`, in O(l) work and memory.
 
     The sequence is cut into the fewest chunks of at most `chunk_size` tokens, all of one length.
     Any length works: the end is padded with dt = 0 (decay 1, no input), which leaves the real
     outputs and the carried state untouched, and cropped afterwards. The chunks are processed in
-    blocks of about `block_size` tokens (TORCH_SSD_BLOCK), one block's temporaries at a time, the
-    state carried from block to block. Under autograd each block is recomputed in the backward
+    blocks of about `block_size` tokens (TORCH_BLOCK_TOKENS), one block's temporaries at a time,
+    the state carried from block to block. Under autograd each block is recomputed in the backward
     pass: what is kept for backward is the inputs and one state per block, not the (q x q) decay
     and score matrices, and the cost per token stays flat at any length.
+
+    `initial_state` (b, h, p, n) continues a sequence whose state it is (zeros by default);
+    with `return_final_state` the result is (y, state after the last token), as in mamba-ssm's
+    `mamba_chunk_scan_combined`.
     """
     dtype = _compute_dtype(x)
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
@@ -208,10 +234,11 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256, block_size=None):
     pad = c * q - l                                         # fewer than c tokens are padding
     if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    step = q * max(1, (block_size or TORCH_SSD_BLOCK) // q)
+    step = q * max(1, (block_size or TORCH_BLOCK_TOKENS) // q)
     recompute = (torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C))
                  and c * q > step)                          # one block: nothing to gain
-    state = x.new_zeros(b, g, h // g, p, n)
+    state = (x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(dtype))
+    state = state.view(b, g, h // g, p, n)
     ys = []
     # split, not slicing: its backward is one concatenation, where each slice's backward would
     # write a full-length gradient (quadratic in the number of blocks)
@@ -221,7 +248,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256, block_size=None):
         else:
             y, state = _ssd_chunks(xb, dtb, A, Bb, Cb, state, q)
         ys.append(y)
-    return torch.cat(ys, dim=1)[:, :l]
+    y = torch.cat(ys, dim=1)[:, :l]
+    return (y, state.reshape(b, h, p, n)) if return_final_state else y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,11 +333,15 @@ class Mamba2Mixer(nn.Module):
         self.last_path = "not run yet"
 
     def forward(self, u):  # u [b, l, dim]
-        zxbcdt = self.in_proj(u)
         use_kernel = (USE_KERNELS and u.is_cuda and u.dtype != torch.float64
-                      and self.conv_dim % 8 == 0 and _mamba_fused_scan() is not None)
+                      and self.kernel_accepts_config() and _mamba_fused_scan() is not None)
         self.last_path = "mamba_ssm_fused" if use_kernel else "torch_chunked_ssd"
-        return self._fused(zxbcdt) if use_kernel else self._torch(zxbcdt)
+        return self._fused(self.in_proj(u)) if use_kernel else self._torch(u)
+
+    def kernel_accepts_config(self):
+        """What mamba-ssm's fused op supports: causal-conv1d takes widths 2 to 4 and channel
+        counts that are multiples of 8. Other configurations take the PyTorch path."""
+        return 2 <= self.conv1d.kernel_size[0] <= 4 and self.conv_dim % 8 == 0
 
     def _fused(self, zxbcdt):
         """mamba-ssm's fused conv1d + scan + gated norm + out_proj, in batch slices that stay
@@ -326,34 +358,55 @@ class Mamba2Mixer(nn.Module):
             rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
             outproj_weight=self.out_proj.weight, outproj_bias=None, headdim=self.headdim,
             ngroups=self.ngroups, norm_before_gate=False)
+        if zxbcdt.shape[0] <= max_batch:
+            return fused(zxbcdt)
         return torch.cat([fused(part) for part in zxbcdt.split(max_batch)], dim=0)
 
-    def _torch(self, zxbcdt):
-        # Under autograd the conv, scan and gated norm are recomputed in the backward pass: they keep
-        # only their input for it, as mamba-ssm's fused kernel does, instead of a dozen
-        # full-length intermediates. Short sequences skip it: their activations are small and the
-        # recompute's per-operation overhead would dominate.
-        if torch.is_grad_enabled() and zxbcdt.requires_grad and zxbcdt.shape[1] >= TORCH_RECOMPUTE_MIN_TOKENS:
-            y = checkpoint(self._conv_scan_norm, zxbcdt, use_reentrant=False)
-        else:
-            y = self._conv_scan_norm(zxbcdt)
-        return self.out_proj(y.to(zxbcdt.dtype))
+    def _torch(self, u):
+        """The whole mixer, block by block of TORCH_BLOCK_TOKENS tokens, each block handing the
+        next its last conv inputs and its SSD state. Every temporary is block-sized, so the cost
+        per token stays flat at any length. Under autograd each block is recomputed in the
+        backward pass: it keeps only its input for it, as mamba-ssm's fused kernel does, instead
+        of a dozen full-length intermediates. Short sequences skip the recompute: their
+        activations are small and its per-operation overhead would dominate."""
+        recompute = (torch.is_grad_enabled() and u.shape[1] >= TORCH_RECOMPUTE_MIN_TOKENS
+                     and (u.requires_grad or self.in_proj.weight.requires_grad))
+        conv_tail = state = None                  # zeros: nothing before the first token
+        outputs = []
+        for block in u.split(TORCH_BLOCK_TOKENS, dim=1):
+            if recompute:
+                out, conv_tail, state = checkpoint(self._mix_block, block, conv_tail, state,
+                                                   use_reentrant=False)
+            else:
+                out, conv_tail, state = self._mix_block(block, conv_tail, state)
+            outputs.append(out)
+        return torch.cat(outputs, dim=1)
 
-    def _conv_scan_norm(self, zxbcdt):
-        b, l, _ = zxbcdt.shape
+    def _mix_block(self, u, conv_tail, state):
+        """One block of tokens, continuing from the previous block's last d_conv - 1 conv inputs
+        (b, d_conv - 1, conv_dim) and SSD state (b, h, p, n); both None at the start."""
+        b, l, _ = u.shape
         g, n, h, p = self.ngroups, self.d_state, self.nheads, self.headdim
-        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, h], dim=-1)
-        # Causal conv: output t sees inputs t-3..t, so keep the first l of the l+3 outputs.
-        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))
-        x, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, h], dim=-1)
+        # Causal conv: output t sees inputs t-3..t, the first ones from the previous block.
+        history = self.conv1d.kernel_size[0] - 1
+        if conv_tail is None:
+            conv_tail = xBC.new_zeros(b, history, self.conv_dim)
+        xBC = torch.cat([conv_tail, xBC], dim=1)                          # (b, history + l, c)
+        conv_tail = xBC[:, xBC.shape[1] - history:]
+        xBC = F.conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                       groups=self.conv_dim)
+        x, B, C = F.silu(xBC.transpose(1, 2)).split([self.d_inner, g * n, g * n], dim=-1)
         dtype = _compute_dtype(x)
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))          # (b, l, h)
         A = -torch.exp(self.A_log.to(dtype))                             # (h,)
-        x = x.view(b, l, h, p)
-        y = ssd_chunked(x, dt, A, B.view(b, l, g, n), C.view(b, l, g, n),
-                        min(self.chunk_size, TORCH_SSD_CHUNK))
+        x = x.reshape(b, l, h, p)
+        y, state = ssd_chunked(x, dt, A, B.reshape(b, l, g, n), C.reshape(b, l, g, n),
+                               min(self.chunk_size, TORCH_SSD_CHUNK), initial_state=state,
+                               return_final_state=True)
         y = y + self.D.to(dtype)[:, None] * x.to(dtype)                  # skip connection
-        return self.norm(y.reshape(b, l, self.d_inner), z)
+        y = self.norm(y.reshape(b, l, self.d_inner), z)
+        return self.out_proj(y.to(u.dtype)), conv_tail, state
 
 
 class SwiGLU(nn.Module):
@@ -366,6 +419,15 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x):
+        if torch.is_grad_enabled() or x.shape[1] <= TORCH_BLOCK_TOKENS:
+            return self._hidden_and_out(x)
+        # Inference keeps nothing for a backward pass, so long sequences go through in blocks of
+        # tokens: the hidden activations (2.5x wider than x) stay block-sized instead of being
+        # mapped afresh from the OS in every block (-15 % forward time for Adventurer-B at 50,176
+        # tokens on CPU).
+        return torch.cat([self._hidden_and_out(t) for t in x.split(TORCH_BLOCK_TOKENS, dim=1)], dim=1)
+
+    def _hidden_and_out(self, x):
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
@@ -650,6 +712,16 @@ class PatchModel(nn.Module):
         """Recompute each block in the backward pass: ~4.5x less activation memory, one extra
         forward of compute."""
         self.grad_checkpointing = enable
+
+    def compile_blocks(self, **kwargs):
+        """torch.compile each block in place ("regional" compilation) and return the model.
+        The blocks share their compiled code (one graph per flip state), so compiling costs about
+        one block's worth, where torch.compile(model) unrolls and compiles every block (on 2 CPU
+        cores: 1.5 min against more than 12 for Adventurer-T). The Mamba-2 path compiles
+        without graph breaks (fullgraph=True works)."""
+        for block in self.blocks:
+            block.compile(**kwargs)
+        return self
 
     def reset_classifier(self, num_classes):
         self.num_classes = num_classes
@@ -947,18 +1019,29 @@ def infer_model_args(checkpoint):
     return dict(name=name, patch=patch, res=grid * patch, num_classes=0 if head is None else head.shape[0])
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """Build a model by name and time one forward pass on random images; returns its outputs."""
     parser = argparse.ArgumentParser(description="Build a model and run one forward pass.")
     parser.add_argument("model", nargs="?", default="adv_t", help=f"one of {list_models()} or an alias")
-    parser.add_argument("--patch", type=int, default=None)
-    parser.add_argument("--res", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=2)
-    args = parser.parse_args()
-    model = create_model(args.model, patch=args.patch, res=args.res).eval()
+    parser.add_argument("--patch", type=int, default=None, help="patch size (default: 16, or the alias's)")
+    parser.add_argument("--res", type=int, default=None, help="input size in pixels (default: 224)")
+    parser.add_argument("--batch", type=int, default=1, help="number of random images")
+    parser.add_argument("--depth", type=int, default=None, help="fewer blocks than the model has, for a quick look")
+    args = parser.parse_args(argv)
+    overrides = {} if args.depth is None else dict(depth=args.depth)
+    model = create_model(args.model, patch=args.patch, res=args.res, **overrides).eval()
     images = torch.randn(args.batch, model.cfg.in_chans, model.cfg.res, model.cfg.res)
+    start = time.perf_counter()
     with torch.no_grad():
-        logits, dense = model(images), model.forward_dense(images)
+        tokens = model.forward_features(images)
+        logits = model.forward_head(tokens)
     print(f"{args.model}: patch {model.patch_size} at {model.cfg.res} px -> {model.grid_size ** 2:,} tokens + CLS, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters\n"
-          f"logits {tuple(logits.shape)}, dense features {tuple(dense.shape)}, "
-          f"mixers: {sorted(set(backends(model)['mixers'].values()))}")
+          f"logits {tuple(logits.shape)}, tokens {tuple(tokens.shape)}, "
+          f"mixers: {sorted(set(backends(model)['mixers'].values()))}, "
+          f"forward pass: {time.perf_counter() - start:.1f} s")
+    return logits, tokens
+
+
+if __name__ == "__main__":
+    main()

@@ -140,7 +140,7 @@ def parse_args(argv=None):
     g = engine.add_run_args(p, "run folder (default: runs/<model>_p<patch>_<res>_<recipe>)")
     g.add_argument("--finetune", help="initialise from these weights (resampled across res/patch)")
     g.add_argument("--eval", action="store_true", help="only evaluate --resume/--finetune weights")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true", help="torch.compile each block (regional compilation)")
     g.add_argument("--fsdp", action="store_true", help="shard parameters (FSDP2) for Large/Huge")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
     g.add_argument("--benchmark", action="store_true", help="time training steps on synthetic input")
@@ -548,11 +548,12 @@ def benchmark(args, run):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(args.batch_size, 3, args.res, args.res, device=device)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
-    train_step = torch.compile(model) if args.compile else model
+    if args.compile:
+        model.compile_blocks()
 
     def step():
         with run.autocast():
-            loss = F.cross_entropy(train_step(images), labels)
+            loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -574,13 +575,15 @@ def benchmark(args, run):
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated() - static
+    elif args.compile:  # hooks on saved tensors would recompile every graph: see the eager rows
+        memory = None
     else:  # no allocator statistics on CPU: count what autograd keeps for the backward pass
         memory = saved_activation_bytes(step, model.parameters())
     result = dict(model=args.model, patch=args.patch, res=args.res, tokens=(args.res // args.patch * args.extend) ** 2,
                   batch=args.batch_size, dtype=str(run.amp_dtype or torch.float32).replace("torch.", ""),
                   grad_ckpt=args.grad_ckpt, device=name, backends=sorted(set(pv.backends(model)["mixers"].values())),
                   images_per_s=args.batch_size / seconds, step_ms=1e3 * seconds,
-                  memory_mb_per_image=memory / 2**20 / args.batch_size,
+                  memory_mb_per_image=None if memory is None else memory / 2**20 / args.batch_size,
                   memory_measure="peak allocated" if device.type == "cuda" else "saved for backward",
                   tflops=flops / 1e12, flops_count="analytic",
                   mfu=flops / 1e12 / peak if peak else None)
@@ -628,7 +631,8 @@ def main(argv=None):
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=args.ema_decay)
     model = distribute(model, args, run)
-    train_model = torch.compile(model) if args.compile else model
+    if args.compile:
+        engine.unwrap(model).compile_blocks()   # in place, inside the DDP / FSDP wrapper
     optimizer = torch.optim.AdamW(engine.param_groups(engine.unwrap(model), args.weight_decay, args.layer_decay),
                                   lr=args.peak_lr, betas=tuple(args.opt_betas))
     scaler = run.grad_scaler()
@@ -677,7 +681,7 @@ def main(argv=None):
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
         try:
-            stats = train_one_epoch(epoch, start_step, train_model, train_loader, optimizer, scaler, ema,
+            stats = train_one_epoch(epoch, start_step, model, train_loader, optimizer, scaler, ema,
                                     mixup, criterion, args, run, save)
         except torch.OutOfMemoryError:
             raise SystemExit(f"out of GPU memory with {run.micro_batch} images per micro-batch: use a larger "

@@ -1,19 +1,35 @@
-"""Speed and memory of pixelvit, printed as tables (a benchmark, not a test).
+"""Speed, memory and accuracy of pixelvit's paths, printed as tables (a benchmark, not a test).
 
-    python tests/benchmark.py                             # CPU: 64 px, batch 2
+    python tests/benchmark.py                             # CPU: every section at CPU sizes
     python tests/benchmark.py --res 224 --batch 8 --amp   # GPU: the paper's setting
 
-1. The chunked SSD fallback against the token-by-token recurrence at 4,096 tokens.
-2. `train.py --benchmark` for adv_t and deit_t at every patch size: training images/s and memory
-   per image. Memory on a GPU is the allocator's peak minus what was allocated before the step; on
-   CPU it is the bytes that autograd saves for the backward pass (parameters excluded), which is
-   what grows with the number of tokens.
+1. SSD: `ssd_chunked` against the token-by-token recurrence at 4,096 tokens.
+2. Linearity: forward+backward per 1,000 tokens at 4,096 and at 50,176 tokens (224 px at patch 1)
+   for `ssd_chunked` and for one Adventurer-T block, with system time as a fraction of user time
+   (page faults: memory mapped afresh from the OS).
+3. Peers (benchmark extras, never requirements; a column is skipped with a note when absent): the
+   mixer against transformers' Mamba-2 PyTorch path, and `ssd_chunked` against mamba-ssm's
+   `ssd_minimal_discrete`, read from a mamba-ssm sdist (`pip download --no-deps --no-binary :all:
+   mamba-ssm -d sdists`) without importing the package, which needs CUDA.
+4. bf16 autocast: the SSD's error against float64, forward and every gradient.
+5. `train.py --benchmark` for adv_t and deit_t at every patch size: training images/s and memory per
+   image. Memory on a GPU is the allocator's peak minus what was allocated before the step; on CPU
+   it is the bytes that autograd saves for the backward pass (parameters excluded), which is what
+   grows with the number of tokens. `--compile` adds torch.compile rows.
+6. `--table6` (GPU): the paper's Table 6 for DeiT-B and Adventurer-B at 224 px, patch 16 to 1: images/s,
+   memory per image, GPU-hours per ImageNet epoch, TFLOP/s and MFU, kernels and PyTorch paths side
+   by side, bf16 and fp16, next to the paper's A100 figures. An out-of-memory row is recorded as
+   such; rows past `--time-budget` are recorded as skipped.
 """
 import argparse
+import glob
+import importlib.metadata
 import json
 import os
 import platform
+import resource
 import sys
+import tarfile
 import time
 
 import torch
@@ -22,6 +38,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pixelvit as pv  # noqa: E402
 import train  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ADV_T = dict(heads=8, headdim=64, d_state=64, dim=256)   # Adventurer-T's mixer
+IMAGENET_TRAIN_IMAGES = 1_281_167
+# Paper Table 6: GPU-hours per ImageNet epoch on A100-80GB, fp16, FlashAttention for DeiT.
+PAPER_TABLE6 = {16: dict(deit_b=0.36, adv_b=0.45), 8: dict(deit_b=1.86, adv_b=1.76),
+                4: dict(deit_b=9.79, adv_b=6.86), 2: dict(deit_b=80.06, adv_b=27.45),
+                1: dict(deit_b=967.99, adv_b=115.08)}
+# Images per step for Table 6: about a quarter of what fits an 80 GB GPU at the paper's ~0.32 MB
+# of activations per token, so that both paths fit; throughput has saturated well before.
+TABLE6_BATCH = {16: 128, 8: 32, 4: 8, 2: 2, 1: 1}
+
 
 def synchronize(device):
     if device.type == "cuda":
@@ -29,59 +56,271 @@ def synchronize(device):
 
 
 def timed(fns, device, warmup, iters):
-    """Best seconds per call of each function after warm-up (which also runs Triton autotuning).
-    The functions take turns, so that load from other processes on a shared machine hits all of
-    them alike; the best of several runs is the least disturbed one."""
+    """Best seconds per call of each function, and its system/user CPU time ratio, after warm-up
+    (which also runs Triton autotuning). The functions take turns, so that load from other
+    processes on a shared machine hits all of them alike; the best of several runs is the least
+    disturbed one."""
     for fn in fns:
         for _ in range(warmup):
             fn()
-    best = [float("inf")] * len(fns)
+    best = [(float("inf"), 0.0)] * len(fns)
     for _ in range(iters):
         for i, fn in enumerate(fns):
             synchronize(device)
-            start = time.perf_counter()
+            usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             fn()
             synchronize(device)
-            best[i] = min(best[i], time.perf_counter() - start)
+            seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+            system = (after.ru_stime - usage.ru_stime) / max(after.ru_utime - usage.ru_utime, 1e-9)
+            best[i] = min(best[i], (seconds, system))
     return best
 
 
-def bench_ssd(device, length=4096, heads=8, headdim=64, d_state=64, chunk=pv.TORCH_SSD_CHUNK):
+def ssd_inputs(length, device, heads=8, headdim=64, d_state=64, dtype=torch.float32, seed=0):
+    """Inputs in the ranges Adventurer's init produces: dt in [1e-3, 0.1], A in [-16, -1]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, length, heads, headdim, generator=gen)
+    dt = 1e-3 + 0.1 * torch.rand(1, length, heads, generator=gen)
+    A = -(1 + 15 * torch.rand(heads, generator=gen))
+    B, C = torch.randn(2, 1, length, 1, d_state, generator=gen).unbind(0)
+    return [t.to(device, dtype) for t in (x, dt, A, B, C)]
+
+
+def forward_backward(fn, inputs):
+    """A call that runs fn(*inputs) and its backward, for inputs that require grad."""
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+    return lambda: fn(*inputs).sum().backward()
+
+
+def bench_ssd(device, length=4096):
     """Chunked SSD vs the recurrence, forward and forward+backward, Adventurer-T mixer sizes."""
+    inputs = ssd_inputs(length, device)
+    chunked = lambda *a: pv.ssd_chunked(*a, chunk_size=pv.TORCH_SSD_CHUNK)   # noqa: E731
+    fwd = timed([lambda: chunked(*inputs), lambda: pv.ssd_recurrent(*inputs)], device, 1, 5)
+    both = timed([forward_backward(chunked, inputs), forward_backward(pv.ssd_recurrent, inputs)], device, 1, 3)
+    rows = [dict(ssd="chunked", tokens=length, fwd_ms=1e3 * fwd[0][0], fwd_bwd_ms=1e3 * both[0][0]),
+            dict(ssd="token loop", tokens=length, fwd_ms=1e3 * fwd[1][0], fwd_bwd_ms=1e3 * both[1][0])]
+    return rows + [dict(ssd="speed-up", tokens=length, fwd_ms=fwd[1][0] / fwd[0][0],
+                        fwd_bwd_ms=both[1][0] / both[0][0])]
+
+
+def adventurer_block(device, dim):
     torch.manual_seed(0)
-    x = torch.randn(1, length, heads, headdim, device=device)
-    dt = 1e-3 + 0.1 * torch.rand(1, length, heads, device=device)
-    A = -(1 + 15 * torch.rand(heads, device=device))
-    B, C = torch.randn(2, 1, length, 1, d_state, device=device).unbind(0)
-    xg = x.clone().requires_grad_(True)
-    chunked = lambda x: pv.ssd_chunked(x, dt, A, B, C, chunk)   # noqa: E731
-    loop = lambda x: pv.ssd_recurrent(x, dt, A, B, C)           # noqa: E731
-    fwd = timed([lambda: chunked(x), lambda: loop(x)], device, 1, 5)
-    both = timed([lambda: chunked(xg).sum().backward(), lambda: loop(xg).sum().backward()], device, 1, 3)
-    return [dict(ssd="chunked", tokens=length, fwd_ms=1e3 * fwd[0], fwd_bwd_ms=1e3 * both[0]),
-            dict(ssd="token loop", tokens=length, fwd_ms=1e3 * fwd[1], fwd_bwd_ms=1e3 * both[1]),
-            dict(ssd="speed-up", tokens=length, fwd_ms=fwd[1] / fwd[0], fwd_bwd_ms=both[1] / both[0])]
+    return pv.create_model("adv_t", embed_dim=dim, depth=1).layers[0].to(device)
+
+
+def bench_linearity(device, lengths=(4096, 50176)):
+    """Forward+backward per 1,000 tokens at each length, batch 1, float32: ssd_chunked and one
+    Adventurer-T block. The ratio to the first length is the goal (flat: 1.0)."""
+    block = adventurer_block(device, ADV_T["dim"])
+    cases = {"ssd_chunked": lambda n: forward_backward(
+                 lambda *a: pv.ssd_chunked(*a, chunk_size=pv.TORCH_SSD_CHUNK), ssd_inputs(n, device)),
+             "Adventurer-T block": lambda n: forward_backward(
+                 block, [torch.randn(1, n + 1, ADV_T["dim"], device=device)])}
+    rows = []
+    for name, make in cases.items():
+        first = None
+        for n in lengths:
+            (seconds, system), = timed([make(n)], device, 1, 3)
+            per_1k = 1e6 * seconds / n
+            first = first or per_1k
+            rows.append(dict(what=name, tokens=n, ms_per_1k_tokens=per_1k, sys_per_user=system,
+                             ratio=per_1k / first))
+    return rows
+
+
+def transformers_mixer(mixer):
+    """transformers' Mamba2Mixer with our mixer's weights (same parameter names), or None."""
+    try:
+        from transformers import Mamba2Config
+        from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+    except ImportError:
+        return None
+    config = Mamba2Config(hidden_size=mixer.out_proj.out_features, num_heads=mixer.nheads,
+                          head_dim=mixer.headdim, expand=2, state_size=mixer.d_state,
+                          n_groups=mixer.ngroups, conv_kernel=mixer.conv1d.kernel_size[0],
+                          chunk_size=256, use_bias=False, use_conv_bias=True, num_hidden_layers=1,
+                          layer_norm_epsilon=mixer.norm.eps)
+    theirs = Mamba2Mixer(config, 0).to(mixer.in_proj.weight.device)
+    theirs.load_state_dict(mixer.state_dict())
+    return theirs
+
+
+def mamba_ssm_minimal(sdist_dir):
+    """mamba-ssm's `ssd_minimal_discrete`, executed from the source in an sdist, or None.
+    (Importing mamba_ssm needs CUDA; this one function needs only torch and einops.)"""
+    for path in sorted(glob.glob(os.path.join(sdist_dir, "mamba_ssm-*.tar.gz"))):
+        with tarfile.open(path) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith("modules/ssd_minimal.py")), None)
+            source = tar.extractfile(member).read().decode() if member else None
+        if source is None:
+            continue
+        source = "\n".join(line for line in source.splitlines() if not line.startswith("from mamba_ssm"))
+        namespace = {}
+        try:
+            exec(compile(source, f"{path}:ssd_minimal.py", "exec"), namespace)
+        except ImportError:   # einops
+            return None
+        return namespace["ssd_minimal_discrete"]
+    return None
+
+
+def bench_peers(device, lengths, sdist_dir):
+    """Time of each peer over ours (> 1: ours is faster), forward+backward, batch 1, float32."""
+    notes = []
+    torch.manual_seed(0)
+    ours = pv.Mamba2Mixer(ADV_T["dim"], d_state=ADV_T["d_state"], headdim=ADV_T["headdim"]).to(device)
+    theirs = transformers_mixer(ours)
+    if theirs is None:
+        notes.append("transformers is not installed: its column is skipped (pip install transformers)")
+    minimal = mamba_ssm_minimal(sdist_dir)
+    if minimal is None:
+        notes.append(f"no mamba-ssm sdist in {sdist_dir} (or einops missing): the ssd_minimal_discrete "
+                     f"column is skipped (pip download --no-deps --no-binary :all: mamba-ssm -d {sdist_dir})")
+    rows = []
+    for n in lengths:
+        row = dict(tokens=n)
+        u = torch.randn(1, n, ADV_T["dim"], device=device)
+        if theirs is not None:
+            with torch.no_grad():
+                row["transformers_max_diff"] = (ours(u) - theirs(u)).abs().max().item()
+            (mine, _), (other, _) = timed([forward_backward(ours, [u]), forward_backward(theirs, [u])], device, 1, 2)
+            row.update(mixer_ms=1e3 * mine, transformers_ms=1e3 * other, transformers_over_ours=other / mine)
+        if minimal is not None and n % 256 == 0:   # its chunks must divide the length
+            x, dt, A, B, C = ssd_inputs(n, device)
+            mine_fn = lambda x, dt, B, C: pv.ssd_chunked(x, dt, A, B, C, pv.TORCH_SSD_CHUNK)   # noqa: E731
+            # mamba-ssm's form: X = x dt, A dt per step, B and C per head; its chunk 256 is Mamba2's default
+            minimal_fn = lambda x, dt, B, C: minimal(   # noqa: E731
+                x * dt[..., None], A * dt, B.expand(-1, -1, A.shape[0], -1), C.expand(-1, -1, A.shape[0], -1), 256)[0]
+            (mine, _), (other, _) = timed([forward_backward(mine_fn, [x, dt, B, C]),
+                                           forward_backward(minimal_fn, [x, dt, B, C])], device, 1, 2)
+            row.update(ssd_ms=1e3 * mine, minimal_ms=1e3 * other, minimal_over_ours=other / mine)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows, notes
+
+
+def bench_bf16(device, length=4096):
+    """The SSD under bf16 autocast (matrix products in bf16, decays and the state passing in
+    float32) and in float32, each against float64 on the same (bf16-rounded) inputs. Errors are
+    relative to the largest reference value; `within` is the share of elements inside mamba-ssm's
+    own kernel-test tolerance, allclose(rtol=1e-2, atol=3e-3 x that largest value)."""
+    x, dt, A, B, C = ssd_inputs(length, device)
+    x, B, C = (t.bfloat16().float() for t in (x, B, C))   # activations as bf16 training hands them over
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def outputs(dtype, autocast):
+        inputs = [t.to(dtype).requires_grad_(True) for t in (x, dt, A, B, C)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = pv.ssd_chunked(*inputs, chunk_size=pv.TORCH_SSD_CHUNK)
+        grads = torch.autograd.grad((y.to(dtype) * weights.to(dtype)).sum(), inputs)
+        return dict(zip(["y", "dx", "ddt", "dA", "dB", "dC"], (t.double() for t in (y, *grads))))
+
+    reference = outputs(torch.float64, False)
+    rows = []
+    for name, result in [("float32", outputs(torch.float32, False)), ("bf16 autocast", outputs(torch.float32, True))]:
+        row = dict(ssd=name)
+        for key, value in result.items():
+            scale, error = reference[key].abs().max(), (value - reference[key]).abs()
+            row[f"{key}_err"] = (error.max() / scale).item()
+            row[f"{key}_within"] = (error <= 3e-3 * scale + 1e-2 * reference[key].abs()).double().mean().item()
+        rows.append(row)
+    return rows
+
+
+def bench_models(args):
+    rows = []
+    runs = [(m, p, False) for m in args.models for p in args.patches]
+    runs += [("adv_t", p, True) for p in args.patches if args.compile]
+    for model_name, patch, compiled in runs:
+        flags = ["--benchmark", "--model", model_name, "--patch", str(patch), "--res", str(args.res),
+                 "--batch-size", str(args.batch), "--benchmark-steps", str(args.steps),
+                 "--amp", "bf16" if args.amp else "off"]
+        flags += ["--grad-ckpt"] * args.grad_ckpt + ["--compile"] * compiled
+        row = train.main(flags)
+        row["compiled"] = compiled
+        if row["memory_mb_per_image"] is not None:
+            row["kb_per_token"] = row["memory_mb_per_image"] * 1024 / row["tokens"]
+        rows.append(row)
+    return rows
+
+
+def memory_ratios(rows):
+    """Saved activation memory of adv_t over deit_t at each patch size (goal: at most 2.5)."""
+    memory = {(r["model"], r["patch"], r["compiled"]): r for r in rows}
+    return [dict(patch=p, tokens=r["tokens"], adv_t_over_deit_t_memory=r["memory_mb_per_image"]
+                 / memory[("deit_t", p, False)]["memory_mb_per_image"])
+            for (model, p, compiled), r in memory.items()
+            if model == "adv_t" and not compiled and ("deit_t", p, False) in memory]
+
+
+def package_versions():
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for package in ("triton", "mamba-ssm", "causal-conv1d", "flash-attn"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def bench_table6(args):
+    """Table 6 rows, one `train.py --benchmark` each, in this process."""
+    rows, deadline, kernels_setting = [], time.time() + args.time_budget, pv.USE_KERNELS
+    runs = [(amp, model, kernels, patch) for amp in ("bf16", "fp16") for model in ("deit_b", "adv_b")
+            for kernels in ((True, False) if amp == "bf16" else (True,)) for patch in sorted(PAPER_TABLE6, reverse=True)]
+    for amp, model, kernels, patch in runs:
+        row = dict(model=model, patch=patch, amp=amp, kernels=kernels, batch=TABLE6_BATCH[patch],
+                   paper_gpu_hours=PAPER_TABLE6[patch][model])
+        if time.time() > deadline:
+            rows.append({**row, "status": "skipped: time budget"})
+            continue
+        pv.USE_KERNELS = kernels
+        try:
+            result = train.main(["--benchmark", "--model", model, "--patch", str(patch), "--res", "224",
+                                 "--batch-size", str(row["batch"]), "--amp", amp, "--benchmark-steps", "3"])
+            row.update(result, status="ok", gpu_hours=IMAGENET_TRAIN_IMAGES / result["images_per_s"] / 3600)
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "out of memory"
+        torch.cuda.empty_cache()
+        rows.append(row)
+        if args.json:   # row by row, so that a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"versions": package_versions(), "table6": rows}, f, indent=1)
+    pv.USE_KERNELS = kernels_setting
+    return rows
 
 
 def print_table(rows, columns):
+    if not rows:
+        return
+    columns = [c for c in columns if any(c in row for row in rows)]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
-        cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
         print("| " + " | ".join(cells) + " |")
     print()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["adv_t", "deit_t"])
-    parser.add_argument("--patches", nargs="+", type=int, default=[16, 8, 4, 2, 1])
-    parser.add_argument("--res", type=int, default=None, help="default: 224 on GPU, 64 on CPU")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=["adv_t", "deit_t"], help="models for section 5")
+    parser.add_argument("--patches", nargs="+", type=int, default=[16, 8, 4, 2, 1], help="patch sizes for section 5")
+    parser.add_argument("--res", type=int, default=None, help="section 5's input size; default: 224 on GPU, 64 on CPU")
+    parser.add_argument("--batch", type=int, default=2, help="section 5's batch size")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model (after 3 warm-up steps)")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
-    parser.add_argument("--grad-ckpt", action="store_true")
-    parser.add_argument("--skip-ssd", action="store_true")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast in section 5")
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in section 5")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows for adv_t to section 5 "
+                                                                 "(minutes of compiling on a CPU)")
+    parser.add_argument("--peer-lengths", nargs="+", type=int, default=[256, 1024, 4096, 16384, 50176],
+                        help="sequence lengths for section 3")
+    parser.add_argument("--sdists", default=os.path.join(ROOT, "sdists"),
+                        help="folder holding a mamba-ssm sdist (.tar.gz) for section 3's ssd_minimal_discrete")
+    parser.add_argument("--sections", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="which sections to run")
+    parser.add_argument("--table6", action="store_true", help="run only section 6, the paper's Table 6 (GPU)")
+    parser.add_argument("--time-budget", type=float, default=240, help="seconds for section 6's rows")
     parser.add_argument("--json", help="also write all rows to this file")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,22 +329,34 @@ def main():
     print(f"# device: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"kernels: {pv.backends()}\n")
 
-    results = {"device": name, "torch": torch.__version__, "args": vars(args)}
-    if not args.skip_ssd:
+    results = {"device": name, "versions": package_versions(), "args": vars(args)}
+    if args.table6:
+        args.sections = [6]
+    if 1 in args.sections:
         results["ssd"] = bench_ssd(device)
         print_table(results["ssd"], ["ssd", "tokens", "fwd_ms", "fwd_bwd_ms"])
-    results["models"] = []
-    for model_name in args.models:
-        for patch in args.patches:
-            flags = ["--benchmark", "--model", model_name, "--patch", str(patch), "--res", str(args.res),
-                     "--batch-size", str(args.batch), "--benchmark-steps", str(args.steps),
-                     "--amp", "bf16" if args.amp else "off"] + (["--grad-ckpt"] if args.grad_ckpt else [])
-            row = train.main(flags)
-            row["kb_per_token"] = row["memory_mb_per_image"] * 1024 / row["tokens"]
-            results["models"].append(row)
-    print()
-    print_table(results["models"], ["model", "patch", "tokens", "images_per_s", "memory_mb_per_image",
-                                     "kb_per_token", "tflops", "backends"])
+    if 2 in args.sections:
+        results["linearity"] = bench_linearity(device)
+        print_table(results["linearity"], ["what", "tokens", "ms_per_1k_tokens", "sys_per_user", "ratio"])
+    if 3 in args.sections:
+        results["peers"], notes = bench_peers(device, args.peer_lengths, args.sdists)
+        print_table(results["peers"], ["tokens", "mixer_ms", "transformers_ms", "transformers_over_ours",
+                                       "transformers_max_diff", "ssd_ms", "minimal_ms", "minimal_over_ours"])
+        print("".join(f"note: {note}\n" for note in notes))
+    if 4 in args.sections:
+        results["bf16"] = bench_bf16(device)
+        print_table(results["bf16"], ["ssd"] + [f"{k}_{m}" for k in ["y", "dx", "ddt", "dA", "dB", "dC"]
+                                                for m in ("err", "within")])
+    if 5 in args.sections:
+        results["models"] = bench_models(args)
+        print_table(results["models"], ["model", "patch", "tokens", "compiled", "images_per_s",
+                                        "memory_mb_per_image", "kb_per_token", "tflops", "backends"])
+        print_table(memory_ratios(results["models"]), ["patch", "tokens", "adv_t_over_deit_t_memory"])
+    if 6 in args.sections:
+        results["table6"] = bench_table6(args)
+        print_table(results["table6"], ["model", "patch", "amp", "kernels", "batch", "status", "images_per_s",
+                                        "memory_mb_per_image", "gpu_hours", "paper_gpu_hours", "tflops", "mfu",
+                                        "backends"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

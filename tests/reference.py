@@ -32,12 +32,16 @@ def _rms(x, w, eps=1e-5):
 
 
 def _mixer(sd, pre, u):
-    W = sd[pre + "in_proj.weight"]
+    return mixer_after_in_proj(sd, pre, u @ sd[pre + "in_proj.weight"].T)
+
+
+def mixer_after_in_proj(sd, pre, zxbcdt):
+    """Mamba-2 from the in_proj output on (what mamba-ssm's fused `mamba_split_conv1d_scan_combined`
+    computes): conv, SSD, D skip, gated RMSNorm, out_proj."""
     d_inner = sd[pre + "out_proj.weight"].shape[1]
     nheads = sd[pre + "A_log"].shape[0]
-    d_state = (W.shape[0] - 2 * d_inner - nheads) // 2   # in_proj rows: [z | x | B | C | dt]
+    d_state = (zxbcdt.shape[-1] - 2 * d_inner - nheads) // 2   # in_proj rows: [z | x | B | C | dt]
     headdim = d_inner // nheads
-    zxbcdt = u @ W.T
     z = zxbcdt[..., :d_inner]
     xBC = zxbcdt[..., d_inner:2 * d_inner + 2 * d_state]
     dt = zxbcdt[..., 2 * d_inner + 2 * d_state:]
@@ -56,7 +60,7 @@ def _mixer(sd, pre, u):
     Cm = xBC[..., d_inner + d_state:]
     dt = F.softplus(dt + sd[pre + "dt_bias"])
     A = -torch.exp(sd[pre + "A_log"])
-    b, l = u.shape[:2]
+    b, l = zxbcdt.shape[:2]
     xh = x.reshape(b, l, nheads, headdim)
     y = ssd_quadratic(xh, dt, A, Bm[:, :, None], Cm[:, :, None])
     y = y + sd[pre + "D"][:, None] * xh

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pixelvit as pv
-from reference import adventurer_reference
+from reference import adventurer_reference, mixer_after_in_proj
 
 
 def tiny(name, **kw):
@@ -146,7 +146,7 @@ def test_adventurer_default_mixer_sizes_match_reference():
 def test_adventurer_gradients_match_the_reference(monkeypatch, recompute_from):
     # every parameter's gradient through the mixer and a multi-block SSD (blocks of 16 tokens: 18
     # tokens with CLS and the mean token), against autograd of the functional reference
-    monkeypatch.setattr(pv, "TORCH_SSD_BLOCK", 16)
+    monkeypatch.setattr(pv, "TORCH_BLOCK_TOKENS", 16)
     monkeypatch.setattr(pv, "TORCH_RECOMPUTE_MIN_TOKENS", recompute_from)
     torch.manual_seed(0)
     model = perturb_norm_weights(tiny("adv_t", depth=4)).double().eval()
@@ -157,6 +157,18 @@ def test_adventurer_gradients_match_the_reference(monkeypatch, recompute_from):
     (adventurer_reference(state, x, 4, {2, 3}) * weights).sum().backward()
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, state[name].grad, rtol=1e-8, atol=1e-10), name
+
+
+def test_adventurer_inference_in_blocks_matches_the_reference(monkeypatch):
+    # without autograd the mixer and the MLP go through the sequence in blocks (here of 16 tokens:
+    # 17 tokens with CLS, 18 with the mean token)
+    monkeypatch.setattr(pv, "TORCH_BLOCK_TOKENS", 16)
+    torch.manual_seed(0)
+    model = perturb_norm_weights(tiny("adv_t", depth=4)).double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+    assert torch.allclose(logits, adventurer_reference(model.state_dict(), x, 4, {2, 3}), rtol=0, atol=1e-10)
 
 
 def test_flip_schedule_changes_the_function():
@@ -354,18 +366,19 @@ def test_kernel_batch_limit_matches_the_known_figures():
 
 def test_kernel_path_splits_the_batch(monkeypatch):
     torch.manual_seed(0)
-    mixer = pv.Mamba2Mixer(32, d_state=8, headdim=16, chunk_size=8)
+    mixer = pv.Mamba2Mixer(32, d_state=8, headdim=16, chunk_size=8).double()
     calls = []
 
     def fake_kernel(zxbcdt, **kwargs):  # stands in for the CUDA op: same math, records batch sizes
         calls.append(zxbcdt.shape[0])
-        return mixer._torch(zxbcdt)
+        return mixer_after_in_proj(mixer.state_dict(), "", zxbcdt)
 
     monkeypatch.setattr(pv, "_mamba_fused_scan", lambda: fake_kernel)
-    zxbcdt = mixer.in_proj(torch.randn(7, 20, 32))
+    u = torch.randn(7, 20, 32, dtype=torch.float64)
+    zxbcdt = mixer.in_proj(u)
     width = zxbcdt.shape[-1]
     monkeypatch.setattr(pv, "INT32_LIMIT", 3 * 20 * width + 5)  # room for 3 sequences per call
-    assert torch.allclose(mixer._fused(zxbcdt), mixer._torch(zxbcdt), atol=1e-6)
+    assert torch.allclose(mixer._fused(zxbcdt), mixer._torch(u), rtol=0, atol=1e-10)
     assert calls == [3, 3, 1]
     monkeypatch.setattr(pv, "INT32_LIMIT", 10)
     with pytest.raises(ValueError, match="int32"):
@@ -398,3 +411,26 @@ def test_bad_input_errors():
         pv.create_model("deit_t", embed_dim=100, num_heads=3)
     with pytest.raises(ValueError, match="extend must be an integer"):
         pv.create_model("deit_t", extend=1.5)
+
+
+def test_readme_example_at_its_real_size():
+    # `python pixelvit.py adv_b --patch 1 --res 224` (the README's example), one block deep:
+    # 50,176 pixel tokens + CLS at Adventurer-B's width
+    logits, tokens = pv.main(["adv_b", "--patch", "1", "--res", "224", "--depth", "1"])
+    assert logits.shape == (1, 1000) and tokens.shape == (1, 224 * 224 + 1, 768)
+    assert torch.isfinite(logits).all() and torch.isfinite(tokens).all()
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_adventurer_traces_without_graph_breaks(monkeypatch, grad):
+    # torch.compile(fullgraph=True) needs one graph: the PyTorch Mamba-2 path with several mixer
+    # blocks, recomputed in backward (grad) or not, and the flipped blocks
+    monkeypatch.setattr(pv, "TORCH_BLOCK_TOKENS", 16)
+    monkeypatch.setattr(pv, "TORCH_RECOMPUTE_MIN_TOKENS", 1)
+    model = tiny("adv_t", depth=4)
+    x = torch.randn(2, 3, 16, 16)
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        explanation = torch._dynamo.explain(model)(x)
+    torch._dynamo.reset()
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons

@@ -98,3 +98,40 @@ def test_blocks_forward_and_every_gradient_match_the_recurrence(block):
     assert torch.allclose(y, expected, rtol=0, atol=1e-12)
     for name, got, want in zip("x dt A B C".split(), grads, expected_grads):
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), name
+
+
+def test_a_sequence_continued_from_its_state_equals_the_whole():
+    # mamba-ssm's initial_states / return_final_states contract, which the mixer's blocks rely on
+    inputs = [t.requires_grad_(True) for t in random_ssd_inputs(2, 90, 4, 8, 2, 16)]
+    cut = 37
+    first = [t if t.dim() == 1 else t[:, :cut] for t in inputs]
+    rest = [t if t.dim() == 1 else t[:, cut:] for t in inputs]
+    y1, state = pv.ssd_chunked(*first, chunk_size=16, return_final_state=True)
+    y2 = pv.ssd_chunked(*rest, chunk_size=16, initial_state=state)
+    expected = pv.ssd_recurrent(*inputs)
+    assert state.shape == (2, 4, 8, 16)
+    assert torch.allclose(torch.cat([y1, y2], dim=1), expected, rtol=0, atol=1e-12)
+    weights = torch.randn_like(expected)
+    grads = torch.autograd.grad((torch.cat([y1, y2], dim=1) * weights).sum(), inputs)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    for name, got, want in zip("x dt A B C".split(), grads, expected_grads):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), name
+
+
+def test_bfloat16_autocast_stays_within_the_kernels_tolerance():
+    # Under autocast the matrix products run in bf16 (as mamba-ssm's kernels take bf16 operands);
+    # decays and the state passing stay float32. Yardstick: mamba-ssm's own SSD kernel tests,
+    # allclose(rtol=1e-2, atol=3e-3) on outputs of order 1, here with atol scaled to the output.
+    x, dt, A, B, C = random_ssd_inputs(1, 600, 4, 16, 1, 16, dtype=torch.float32, dt_range=(1e-3, 0.1))
+    x, B, C = (t.bfloat16().float() for t in (x, B, C))
+    inputs = [t.requires_grad_(True) for t in (x, dt, A, B, C)]
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = pv.ssd_chunked(*inputs, chunk_size=64)
+    grads = torch.autograd.grad((y.float() * weights).sum(), inputs)
+    exact = [t.detach().double().requires_grad_(True) for t in inputs]
+    expected = pv.ssd_recurrent(*exact)
+    expected_grads = torch.autograd.grad((expected * weights.double()).sum(), exact)
+    for name, got, want in zip("y dx ddt dA dB dC".split(), (y, *grads), (expected, *expected_grads)):
+        scale = want.abs().max().item()
+        assert torch.allclose(got.double(), want, rtol=1e-2, atol=3e-3 * scale), name

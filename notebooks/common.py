@@ -30,7 +30,8 @@ def log2_axis(ax, ticks, label, descending=False):
     ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel(label)
-    ax.set_xlim(ticks[0] / 1.25 ** (1 - 2 * descending), ticks[-1] * 1.25 ** (1 - 2 * descending))
+    margin = 1.25 if descending else 1 / 1.25          # a quarter of a step beyond the end ticks
+    ax.set_xlim(ticks[0] * margin, ticks[-1] / margin)
 
 
 def log_yaxis(ax, label):

@@ -499,7 +499,7 @@ class TrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         draw, index = key
-        engine.seed_everything(self.seed, "flip", draw)
+        engine.seed_host(self.seed, "flip", draw)
         return self.base[index]
 
 

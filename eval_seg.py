@@ -158,7 +158,7 @@ class TrainCrops(Dataset):
     def __getitem__(self, key):
         draw, index = key
         image, label, _ = self.base.read(index)
-        engine.seed_everything(self.seed, "crop", draw)
+        engine.seed_host(self.seed, "crop", draw)
         return train_pipeline(image, label, self.crop, self.short_side)
 
 

@@ -44,7 +44,7 @@ import pixelvit as pv
 COMMON = dict(  # the official main.py defaults the recipes start from
     opt_betas=(0.9, 0.999), min_lr=1e-5, warmup_lr=1e-6, clip_grad=None, layer_decay=1.0,
     smoothing=0.1, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1", three_augment=False,
-    repeated_aug=True, reprob=0.25, scale_min=0.08, hflip=0.5, ema=False, eval_crop_ratio=0.875,
+    repeated_aug=True, reprob=0.25, scale_min=0.08, hflip=0.5, color_jitter=0.3, ema=False, eval_crop_ratio=0.875,
     unscale_lr=False)
 
 RECIPES = {
@@ -76,10 +76,10 @@ RECIPES = {
     "deit": dict(res=224, epochs=300, batch_size=1024, lr=5e-4, weight_decay=0.05, warmup_epochs=5,
                  drop_path=0.1, ema=True),
     # The embedded demo: 8x8 handwritten digits bundled with scikit-learn, upsampled to 16 px.
-    # Small images want light augmentation: no RandAugment, mixup, erasing or flips.
+    # Small images want light augmentation: no RandAugment, mixup, erasing, flips or colour jitter.
     "demo": dict(res=16, epochs=25, batch_size=64, lr=2e-3, unscale_lr=True, weight_decay=0.05,
                  warmup_epochs=3, drop_path=0.0, mixup=0.0, cutmix=0.0, aa=None, reprob=0.0,
-                 repeated_aug=False, scale_min=0.6, hflip=0.0, eval_crop_ratio=1.0),
+                 repeated_aug=False, scale_min=0.6, hflip=0.0, color_jitter=0.0, eval_crop_ratio=1.0),
 }
 LARGE_MODELS = ("adv_l", "adv_h", "deit_l", "deit_h")
 DEMO_MODEL = dict(model="adv_t", patch=2, embed_dim=64, depth=4, d_state=16)
@@ -127,6 +127,7 @@ def parse_args(argv=None):
             ("mixup", float, "mixup alpha (0: off)"), ("cutmix", float, "cutmix alpha (0: off)"),
             ("reprob", float, "random erasing probability"), ("clip-grad", float, "gradient norm clip"),
             ("scale-min", float, "RandomResizedCrop's smallest area"), ("hflip", float, "flip probability"),
+            ("color-jitter", float, "brightness, contrast and saturation jitter (0: off)"),
             ("eval-crop-ratio", float, "evaluation centre crop / resize ratio")]:
         g.add_argument(f"--{name}", type=kind, help=text)
     g.add_argument("--aa", help="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1, or 'none'")
@@ -182,15 +183,16 @@ def gaussian_blur(img):
 
 class ThreeAugment:
     """DeiT III's augmentation, which timm lacks: after the crop and flip, one of grayscale,
-    solarisation or Gaussian blur (radius in [0.1, 2]), then colour jitter 0.3."""
+    solarisation or Gaussian blur (radius in [0.1, 2]), then colour jitter (DeiT III: 0.3)."""
 
-    def __init__(self, res, scale_min, hflip):
+    def __init__(self, res, scale_min, hflip, color_jitter):
         self.crop_flip = transforms.Compose([
             transforms.RandomResizedCrop(res, scale=(scale_min, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(hflip)])
         self.one_of = [transforms.Grayscale(num_output_channels=3), transforms.RandomSolarize(128, p=1.0),
                        gaussian_blur]
-        self.finish = transforms.Compose([transforms.ColorJitter(0.3, 0.3, 0.3), transforms.ToTensor(),
+        self.finish = transforms.Compose([transforms.ColorJitter(color_jitter, color_jitter, color_jitter),
+                                          transforms.ToTensor(),
                                           transforms.Normalize(pv.IMAGENET_MEAN, pv.IMAGENET_STD)])
 
     def __call__(self, img):
@@ -199,10 +201,10 @@ class ThreeAugment:
 
 def train_transform(args):
     if args.three_augment:
-        return ThreeAugment(args.res, args.scale_min, args.hflip)
+        return ThreeAugment(args.res, args.scale_min, args.hflip, args.color_jitter)
     from timm.data import create_transform
     return create_transform(args.res, is_training=True, scale=(args.scale_min, 1.0), hflip=args.hflip,
-                            color_jitter=0.3, auto_augment=args.aa, interpolation="bicubic",
+                            color_jitter=args.color_jitter or None, auto_augment=args.aa, interpolation="bicubic",
                             re_prob=args.reprob, re_mode="pixel", mean=pv.IMAGENET_MEAN, std=pv.IMAGENET_STD)
 
 
@@ -299,7 +301,7 @@ class Images(Dataset):
                 return None
             raise RuntimeError(f"{self.MAX_UNREADABLE_IN_A_ROW} unreadable images in a row from index {index}")
         if draw is not None:
-            engine.seed_everything(self.seed, self.epoch, self.rank, draw)
+            engine.seed_host(self.seed, self.epoch, self.rank, draw)
         img, label = sample
         return self.transform(img), label, passed
 

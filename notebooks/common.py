@@ -1,7 +1,8 @@
 """What the notebooks share: the project on the import path, the paper's tables, the runs folder, fast
-mode, the plot style, patch-size axes, and running a script's `main()` quietly.
+mode, the plot style, patch-size axes, running a script's `main()` quietly, once per seed, and drawing
+the spread over seeds; and the classification miniature that notebooks 4-6 share.
 
-    from common import FAST, PAPER, RUNS, log2_axis, log_yaxis, patch_axis, quietly
+    from common import FAST, PAPER, RUNS, log2_axis, log_yaxis, patch_axis, quietly, seeded, draw_spread
 """
 import contextlib
 import io
@@ -10,6 +11,7 @@ import os
 import sys
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from matplotlib.ticker import FuncFormatter, LogFormatter, NullLocator
 
@@ -57,3 +59,78 @@ def quietly(main, argv):
     except BaseException:
         sys.stderr.write(printed.getvalue()[-5000:])
         raise
+
+
+SEEDS = (0, 1, 2)  # every miniature runs each setting once per seed and draws the spread
+
+
+def seeded(main, argv, folder, seeds=SEEDS):
+    """`main(argv)` once per seed, quietly, in folder_s<seed>; a list of results, each with its run folder
+    and its log (the metrics after each epoch or evaluation, from the run's log.jsonl)."""
+    runs = []
+    for seed in seeds:
+        out = f"{folder}_s{seed}"
+        result = quietly(main, argv + ["--seed", str(seed), "--output", out])
+        with open(os.path.join(out, "log.jsonl")) as f:
+            runs.append(dict(result, folder=out, log=[json.loads(line) for line in f]))
+    return runs
+
+
+def spread(runs, metric):
+    """(mean, lowest, highest) of a metric over the seeds' runs."""
+    values = [r[metric] for r in runs]
+    return float(np.mean(values)), min(values), max(values)
+
+
+def spread_text(runs, metric, digits=1, scale=1.0):
+    mean, low, high = (scale * v for v in spread(runs, metric))
+    return f"{mean:.{digits}f} ({low:.{digits}f} to {high:.{digits}f})"
+
+
+def draw_spread(ax, xs, runs_per_x, metric, label, style="o-", transform=lambda v: v):
+    """Each seed as a dot, the mean over seeds as a line, bars from the lowest seed to the highest."""
+    values = [[transform(r[metric]) for r in runs] for runs in runs_per_x]
+    means = np.array([np.mean(v) for v in values])
+    lows, highs = np.array([min(v) for v in values]), np.array([max(v) for v in values])
+    line, = ax.plot(xs, means, style, label=f"{label} (mean of {len(values[0])} seeds; bars: range)")
+    ax.errorbar(xs, means, yerr=[means - lows, highs - means], fmt="none", ecolor=line.get_color(), capsize=3)
+    for x, v in zip(xs, values):
+        ax.plot([x] * len(v), v, ".", color=line.get_color(), alpha=0.4)
+    return means
+
+
+def training_done(entry):
+    """How far training was at a log entry: iterations (eval_seg, eval_det) or epochs (train.py logs the
+    0-based epoch that just ended)."""
+    return entry["iter"] if "iter" in entry else entry["epoch"] + 1
+
+
+def draw_curves(ax, runs, metric, label):
+    """A metric at each evaluation: the mean over seeds, shaded from the lowest seed to the highest."""
+    steps = [training_done(entry) for entry in runs[0]["log"]]
+    values = np.array([[entry[metric] for entry in r["log"]] for r in runs])
+    line, = ax.plot(steps, values.mean(0), label=label)
+    ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+
+
+def late_gain(runs, metric="top1"):
+    """How much the metric still rose over the last quarter of training (mean over seeds): near 0 at a plateau."""
+    quarter = max(1, len(runs[0]["log"]) // 4)
+    return float(np.mean([r["log"][-1][metric] - r["log"][-1 - quarter][metric] for r in runs]))
+
+
+# The classification miniature of notebooks 4-6: scikit-learn's scanned digits at their native 8 x 8 pixels,
+# a small Adventurer (width 32, 2 blocks) and the demo recipe at lr 4e-3, the same for every patch size.
+# Patch 1 needs about 40 epochs to level off; fast mode stops at 16, where patches 8 to 2 have.
+DIGIT_EPOCHS = 16 if FAST else 40
+DIGITS = ["--embed-dim", "32", "--depth", "2", "--lr", "4e-3", "--warmup-epochs", "1",
+          "--epochs", str(DIGIT_EPOCHS), "--workers", "0"]
+
+
+def digits(patch, res=8, extend=1):
+    """The classification miniature at one patch size (and input size, and --extend), once per seed;
+    the notebooks share these runs, so a run made by one is reused by the next."""
+    import train
+    name = f"digits_adv_w32d2_r{res}_p{patch}_x{extend}_e{DIGIT_EPOCHS}"
+    return seeded(train.main, DIGITS + ["--res", str(res), "--patch", str(patch), "--extend", str(extend)],
+                  os.path.join(RUNS, "notebooks", name))

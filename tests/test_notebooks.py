@@ -45,10 +45,8 @@ def test_committed_notebook_shows_its_outputs(name):
 
 
 def test_patch_axes_tick_exactly_the_patch_sizes():
-    sys.path.insert(0, os.path.join(ROOT, "notebooks"))
-    import matplotlib
-    matplotlib.use("Agg")
-    from common import patch_axis, plt
+    common = import_common()
+    patch_axis, plt = common.patch_axis, common.plt
 
     fig, ax = plt.subplots()
     ax.plot([64, 32, 16, 8, 4, 2, 1], range(7))
@@ -59,6 +57,52 @@ def test_patch_axes_tick_exactly_the_patch_sizes():
     left, right = ax.get_xlim()
     assert left > 64 and right < 1                                             # largest patch first
     plt.close(fig)
+
+
+def import_common():
+    sys.path.insert(0, os.path.join(ROOT, "notebooks"))
+    import matplotlib
+    matplotlib.use("Agg")
+    import common
+    return common
+
+
+def test_seeded_runs_each_seed_in_its_own_folder_and_keeps_its_log(tmp_path):
+    common = import_common()
+    calls = []
+
+    def main(argv):   # a stand-in for a script's main: logs two epochs whose top-1 depends on the seed
+        calls.append(argv)
+        seed, out = int(argv[argv.index("--seed") + 1]), argv[argv.index("--output") + 1]
+        os.makedirs(out)
+        with open(os.path.join(out, "log.jsonl"), "w") as f:
+            f.write('{"epoch": 0, "top1": 50.0}\n' + f'{{"epoch": 1, "top1": {60 + seed}}}\n')
+        print("a progress bar that must not reach the notebook")
+        return {"top1": 60.0 + seed}
+
+    runs = common.seeded(main, ["--patch", "4"], str(tmp_path / "run"), seeds=(0, 2))
+    assert [argv[:2] for argv in calls] == [["--patch", "4"]] * 2
+    assert [r["folder"] for r in runs] == [str(tmp_path / "run_s0"), str(tmp_path / "run_s2")]
+    assert [r["top1"] for r in runs] == [60.0, 62.0]
+    assert [[e["top1"] for e in r["log"]] for r in runs] == [[50.0, 60.0], [50.0, 62.0]]
+    assert common.spread(runs, "top1") == (61.0, 60.0, 62.0)
+    assert common.spread_text(runs, "top1") == "61.0 (60.0 to 62.0)"
+    assert common.late_gain(runs) == 11.0                       # (10 + 12) / 2 over the last of 2 epochs
+    assert common.training_done(runs[0]["log"][-1]) == 2        # train.py logs the 0-based epoch that ended
+    assert common.training_done({"iter": 30, "mIoU": 1.0}) == 30  # eval_seg and eval_det log iterations done
+
+
+def test_draw_spread_bars_run_from_the_lowest_seed_to_the_highest():
+    common = import_common()
+    fig, ax = common.plt.subplots()
+    runs_per_x = [[{"m": 1.0}, {"m": 3.0}, {"m": 8.0}], [{"m": 5.0}, {"m": 5.0}, {"m": 5.0}]]
+    means = common.draw_spread(ax, [8, 4], runs_per_x, "m", "x", transform=lambda v: 10 * v)
+    assert list(means) == [40.0, 50.0]
+    bars = ax.collections[0].get_segments()                     # errorbar's vertical lines, one per x
+    assert [tuple(seg[:, 1]) for seg in bars] == [(10.0, 80.0), (50.0, 50.0)]
+    dots = [line.get_ydata().tolist() for line in ax.lines[1:]]  # every seed drawn, after the mean line
+    assert [10.0, 30.0, 80.0] in dots and [50.0, 50.0, 50.0] in dots
+    common.plt.close(fig)
 
 
 def test_every_topic_of_the_issue_has_a_notebook():

@@ -60,6 +60,21 @@ def test_flags_override_the_recipe():
     assert (args.lr, args.repeated_aug, args.aa, args.weight_decay, args.res) == (3e-5, False, None, 0.1, 224)
 
 
+def test_color_jitter_flag_reaches_both_pipelines():
+    from torchvision import transforms
+
+    def jitters(transform):
+        steps = transform.transforms if hasattr(transform, "transforms") else transform.finish.transforms
+        return [(t.brightness, t.contrast, t.saturation) for t in steps if isinstance(t, transforms.ColorJitter)]
+
+    demo = train.parse_args(TINY)
+    assert demo.color_jitter == 0.0 and jitters(train.train_transform(demo)) == []   # gray 8x8 digits: off
+    strong = train.parse_args(TINY + ["--color-jitter", "0.4"])
+    assert jitters(train.train_transform(strong)) == [((0.6, 1.4),) * 3]
+    pretrain = train.parse_args(["--stage", "pretrain", "--model", "adv_b", "--data-path", "x"])
+    assert pretrain.three_augment and jitters(train.train_transform(pretrain)) == [((0.7, 1.3),) * 3]  # DeiT III's 0.3
+
+
 def test_lr_schedule_by_hand():
     args = train.parse_args(TINY + ["--epochs", "10", "--lr", "1e-3", "--min-lr", "1e-5", "--warmup-lr", "1e-6"])
     assert args.peak_lr == 1e-3   # the demo recipe takes --lr as it is (--unscale-lr)
@@ -247,7 +262,7 @@ def test_bad_data_path_and_checkpoint(tmp_path):
 
 def test_three_augment_and_seeded_samples():
     from torchvision import transforms
-    ds = train.Images(train.DigitsDataset(True), train.ThreeAugment(16, 0.5, 0.5), seed=1)
+    ds = train.Images(train.DigitsDataset(True), train.ThreeAugment(16, 0.5, 0.5, 0.3), seed=1)
     a, b, c = ds[(0, 5)], ds[(0, 5)], ds[(1, 5)]  # same draw: same augmentation; another draw: another
     assert a[2] == 0  # no unreadable image passed over
     assert a[0].shape == (3, 16, 16) and torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])

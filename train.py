@@ -576,17 +576,17 @@ def benchmark(args, run):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     if device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated() - static
+        memory, measure = torch.cuda.max_memory_allocated() - static, "peak allocated"
     elif args.compile:  # hooks on saved tensors would recompile every graph: see the eager rows
-        memory = None
+        memory, measure = None, "not measured (compiled, CPU)"
     else:  # no allocator statistics on CPU: count what autograd keeps for the backward pass
-        memory = saved_activation_bytes(step, model.parameters())
+        memory, measure = saved_activation_bytes(step, model.parameters()), "saved for backward"
     result = dict(model=args.model, patch=args.patch, res=args.res, tokens=(args.res // args.patch * args.extend) ** 2,
                   batch=args.batch_size, dtype=str(run.amp_dtype or torch.float32).replace("torch.", ""),
                   grad_ckpt=args.grad_ckpt, device=name, backends=sorted(set(pv.backends(model)["mixers"].values())),
                   images_per_s=args.batch_size / seconds, step_ms=1e3 * seconds,
                   memory_mb_per_image=None if memory is None else memory / 2**20 / args.batch_size,
-                  memory_measure="peak allocated" if device.type == "cuda" else "saved for backward",
+                  memory_measure=measure,
                   tflops=flops / 1e12, flops_count="analytic",
                   mfu=flops / 1e12 / peak if peak else None)
     print(json.dumps(result))

@@ -138,6 +138,7 @@ def test_benchmark_prints_one_json_line(capsys):
     result = json.loads(lines[-1])
     assert (result["model"], result["patch"], result["res"], result["tokens"], result["batch"]) == ("adv_t", 4, 16, 16, 2)
     assert result["images_per_s"] > 0 and result["tflops"] > 0 and result["memory_mb_per_image"] > 0
+    assert result["memory_measure"] == "saved for backward"   # CPU: no allocator statistics
     assert result["backends"] == ["torch_chunked_ssd"] and result["flops_count"] == "analytic"
 
 

@@ -127,7 +127,7 @@ def parse_args(argv=None):
             ("mixup", float, "mixup alpha (0: off)"), ("cutmix", float, "cutmix alpha (0: off)"),
             ("reprob", float, "random erasing probability"), ("clip-grad", float, "gradient norm clip"),
             ("scale-min", float, "RandomResizedCrop's smallest area"), ("hflip", float, "flip probability"),
-            ("color-jitter", float, "brightness, contrast and saturation jitter (0: off)"),
+            ("color-jitter", float, "brightness, contrast and saturation jitter (0: off; with --aa, timm leaves it out)"),
             ("eval-crop-ratio", float, "evaluation centre crop / resize ratio")]:
         g.add_argument(f"--{name}", type=kind, help=text)
     g.add_argument("--aa", help="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1, or 'none'")

@@ -92,6 +92,15 @@ def test_seeded_runs_each_seed_in_its_own_folder_and_keeps_its_log(tmp_path):
     assert common.training_done({"iter": 30, "mIoU": 1.0}) == 30  # eval_seg and eval_det log iterations done
 
 
+def test_a_gap_counts_as_larger_than_the_spread_only_when_no_seeds_overlap():
+    common = import_common()
+    low, high = [{"m": v} for v in (1.0, 2.0, 3.0)], [{"m": v} for v in (3.5, 4.0, 9.0)]
+    touching = [{"m": v} for v in (3.0, 4.0, 5.0)]                # shares 3.0 with `low`
+    assert common.separated(low, high, "m") and common.separated(high, low, "m")
+    assert not common.separated(low, touching, "m")
+    assert (common.versus_spread(high, low, "m"), common.versus_spread(touching, low, "m")) == ("larger than", "within")
+
+
 def test_draw_spread_bars_run_from_the_lowest_seed_to_the_highest():
     common = import_common()
     fig, ax = common.plt.subplots()

@@ -82,8 +82,8 @@ def spread(runs, metric):
     return float(np.mean(values)), min(values), max(values)
 
 
-def spread_text(runs, metric, digits=1, scale=1.0):
-    mean, low, high = (scale * v for v in spread(runs, metric))
+def spread_text(runs, metric, digits=1):
+    mean, low, high = spread(runs, metric)
     return f"{mean:.{digits}f} ({low:.{digits}f} to {high:.{digits}f})"
 
 
@@ -135,8 +135,8 @@ def late_gain(runs, metric="top1"):
 # Fast mode trains 20 epochs, in which patches 8 and 4 level off and patch 2 nearly; patch 1 levels off
 # after about 30, so full mode trains 40.
 DIGIT_EPOCHS = 20 if FAST else 40
-DIGIT_WIDTH = 32
-DIGITS = ["--embed-dim", str(DIGIT_WIDTH), "--depth", "2", "--lr", "4e-3", "--warmup-epochs", "1",
+DIGIT_WIDTH, DIGIT_DEPTH = 32, 2
+DIGITS = ["--embed-dim", str(DIGIT_WIDTH), "--depth", str(DIGIT_DEPTH), "--lr", "4e-3", "--warmup-epochs", "1",
           "--epochs", str(DIGIT_EPOCHS), "--workers", "0"]
 
 
@@ -144,6 +144,6 @@ def digits(patch, res=8, extend=1):
     """The classification miniature at one patch size (and input size, and --extend), once per seed;
     the notebooks share these runs, so a run made by one is reused by the next."""
     import train
-    name = f"digits_adv_w32d2_r{res}_p{patch}_x{extend}_e{DIGIT_EPOCHS}"
+    name = f"digits_adv_w{DIGIT_WIDTH}d{DIGIT_DEPTH}_r{res}_p{patch}_x{extend}_e{DIGIT_EPOCHS}"
     return seeded(train.main, DIGITS + ["--res", str(res), "--patch", str(patch), "--extend", str(extend)],
                   os.path.join(RUNS, "notebooks", name))

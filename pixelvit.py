@@ -35,11 +35,20 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------
 # Optional CUDA kernels. Imported lazily: mamba-ssm and flash-attn import only where they were
-# built against CUDA, and `import mamba_ssm` alone pulls in far more than the one op we need.
+# built against CUDA, and `import mamba_ssm` alone pulls in far more than the ops we need.
+#
+# The Mamba-2 mixer takes the first of three tiers that works:
+#   "mamba_ssm_fused"       mamba-ssm's fused conv + scan + gated norm + out_proj (needs causal-conv1d)
+#   "mamba_ssm_triton_ssd"  mamba-ssm's Triton SSD scan (`mamba_chunk_scan_combined`), with the causal
+#                           conv and the gated norm in PyTorch: what mamba-ssm's own `Mamba2` runs
+#                           without causal-conv1d; no CUDA build, Triton compiles at run time
+#   "torch_chunked_ssd"     the exact PyTorch path below, on every device
 
 # Set PIXELVIT_KERNELS=0 (or assign pixelvit.USE_KERNELS = False) to force the PyTorch path,
-# e.g. to compare kernel and fallback outputs.
+# e.g. to compare kernel and fallback outputs; PIXELVIT_FUSED_MAMBA=0 (USE_FUSED_MAMBA = False)
+# skips the fused op, so that the Triton SSD tier runs even where causal-conv1d is installed.
 USE_KERNELS = os.environ.get("PIXELVIT_KERNELS", "1") != "0"
+USE_FUSED_MAMBA = os.environ.get("PIXELVIT_FUSED_MAMBA", "1") != "0"
 
 # The mamba-ssm Triton kernels compute pointer offsets in int32 (state-spaces/mamba #1015), so
 # one call must keep batch * seqlen * in_proj width below 2**31 or it silently corrupts memory.
@@ -67,15 +76,24 @@ def kernel_batch_limit(seqlen, width):
     return INT32_LIMIT // (seqlen * width)
 
 
-def _kernel_unavailable(package, reason):
-    """A kernel package that cannot be used. With PIXELVIT_REQUIRE_KERNELS=1 (benchmarks, GPU
-    tests) that is an error; otherwise, where CUDA is present, one warning with the reason, and
-    the exact PyTorch path is used instead."""
-    message = f"{package} kernels unavailable ({reason}); the PyTorch path is used instead"
-    if os.environ.get("PIXELVIT_REQUIRE_KERNELS") == "1":
-        raise RuntimeError(f"{message}, but PIXELVIT_REQUIRE_KERNELS=1 requires them")
+KERNEL_PROBLEMS = {}   # kernel tier -> why it cannot be used, filled by the lookups below
+
+
+def _kernel_unavailable(tier, reason):
+    """A kernel tier that cannot be used: its reason is kept for `backends()` and, where CUDA is
+    present, said once in a warning; the next tier (at last the exact PyTorch path) runs instead."""
+    KERNEL_PROBLEMS[tier] = reason
     if torch.cuda.is_available():
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(f"{tier} kernels unavailable ({reason}); the next path is used instead",
+                      stacklevel=3)
+
+
+def _require_kernels(module):
+    """With PIXELVIT_REQUIRE_KERNELS=1 (GPU tests, GPU benchmarks), a CUDA forward that would
+    take the PyTorch path for want of a kernel is an error instead of a slow run."""
+    if os.environ.get("PIXELVIT_REQUIRE_KERNELS") == "1":
+        raise RuntimeError(f"{type(module).__name__} found no usable kernel on CUDA "
+                           f"({backends()['why']}), but PIXELVIT_REQUIRE_KERNELS=1 requires one")
 
 
 @functools.cache
@@ -83,39 +101,58 @@ def _flash_attn_func():
     try:
         from flash_attn import flash_attn_func
     except Exception as e:  # not installed, or built for another torch/CUDA
-        return _kernel_unavailable("flash-attn", f"{type(e).__name__}: {e}")
+        return _kernel_unavailable("flash_attn", f"{type(e).__name__}: {e}")
     return flash_attn_func
 
 
 @functools.cache
-def _mamba_fused_scan():
+def _mamba_ssd_module():
     try:
         from mamba_ssm.ops.triton import ssd_combined
     except Exception as e:  # not installed, or built for another torch/CUDA
-        return _kernel_unavailable("mamba-ssm", f"{type(e).__name__}: {e}")
+        return f"{type(e).__name__}: {e}"
+    return ssd_combined
+
+
+@functools.cache
+def _mamba_chunk_scan():
+    module = _mamba_ssd_module()
+    if isinstance(module, str):
+        return _kernel_unavailable("mamba_ssm_triton_ssd", module)
+    return module.mamba_chunk_scan_combined
+
+
+@functools.cache
+def _mamba_fused_scan():
+    module = _mamba_ssd_module()
+    if isinstance(module, str):
+        return _kernel_unavailable("mamba_ssm_fused", module)
     # mamba-ssm imports causal-conv1d inside a try and leaves its functions None when causal-conv1d
     # is missing (or, from mamba-ssm 2.2.5, older than 1.5.1); the fused op then fails at its first
     # call with "'NoneType' object is not callable".
     conv_functions = ("causal_conv1d_fn", "causal_conv1d_cuda", "causal_conv1d_fwd_function",
                       "causal_conv1d_bwd_function")
-    if any(hasattr(ssd_combined, f) and getattr(ssd_combined, f) is None for f in conv_functions):
-        return _kernel_unavailable("mamba-ssm", "it found no usable causal-conv1d; mamba-ssm >= 2.2.5 "
-                                                "needs causal-conv1d >= 1.5.1")
-    return ssd_combined.mamba_split_conv1d_scan_combined
+    if any(hasattr(module, f) and getattr(module, f) is None for f in conv_functions):
+        return _kernel_unavailable("mamba_ssm_fused", "mamba-ssm found no usable causal-conv1d; "
+                                                      "mamba-ssm >= 2.2.5 needs causal-conv1d >= 1.5.1")
+    return module.mamba_split_conv1d_scan_combined
 
 
 def backends(model=None):
-    """Which kernel path each token mixer takes.
+    """Which kernel paths the token mixers can take, and why a missing one is missing.
 
-    Without a model: which optional kernels are importable and enabled. With a model: also the
-    path every mixer took in its most recent forward ("flash_attn", "sdpa", "mamba_ssm_fused",
-    "torch_chunked_ssd"), since the path depends on device and dtype at call time.
+    Without a model: which optional kernel tiers are importable ("flash_attn", "mamba_ssm_fused",
+    "mamba_ssm_triton_ssd") and enabled, with "why" for each one that is not. With a model: also
+    the path every mixer took in its most recent forward ("flash_attn", "sdpa", one of the Mamba
+    tiers above or "torch_chunked_ssd"), since the path depends on device and dtype at call time.
     """
     report = {
         "kernels_enabled": USE_KERNELS,
         "flash_attn": _flash_attn_func() is not None,
-        "mamba_ssm": _mamba_fused_scan() is not None,
+        "mamba_ssm_fused": _mamba_fused_scan() is not None,
+        "mamba_ssm_triton_ssd": _mamba_chunk_scan() is not None,
     }
+    report["why"] = {tier: KERNEL_PROBLEMS[tier] for tier in report if tier in KERNEL_PROBLEMS}
     if model is not None:
         report["mixers"] = {name: m.last_path for name, m in model.named_modules()
                             if isinstance(m, (Attention, Mamba2Mixer))}
@@ -333,24 +370,44 @@ class Mamba2Mixer(nn.Module):
         self.last_path = "not run yet"
 
     def forward(self, u):  # u [b, l, dim]
-        use_kernel = (USE_KERNELS and u.is_cuda and u.dtype != torch.float64
-                      and self.kernel_accepts_config() and _mamba_fused_scan() is not None)
-        self.last_path = "mamba_ssm_fused" if use_kernel else "torch_chunked_ssd"
-        return self._fused(self.in_proj(u)) if use_kernel else self._torch(u)
+        self.last_path = self.kernel_path(u)
+        if self.last_path == "mamba_ssm_fused":
+            return self._fused(self.in_proj(u))
+        if self.last_path == "mamba_ssm_triton_ssd":
+            return self._triton_ssd(u)
+        return self._torch(u)
+
+    def kernel_path(self, u):
+        """The tier this input takes (see the kernel notes at the top of the file): a kernel
+        only on CUDA, below float64, for a configuration the kernels support."""
+        if not (USE_KERNELS and u.is_cuda and u.dtype != torch.float64 and self.kernel_accepts_config()):
+            return "torch_chunked_ssd"
+        if USE_FUSED_MAMBA and _mamba_fused_scan() is not None:
+            return "mamba_ssm_fused"
+        if _mamba_chunk_scan() is not None:
+            return "mamba_ssm_triton_ssd"
+        _require_kernels(self)
+        return "torch_chunked_ssd"
 
     def kernel_accepts_config(self):
         """What mamba-ssm's fused op supports: causal-conv1d takes widths 2 to 4 and channel
         counts that are multiples of 8. Other configurations take the PyTorch path."""
         return 2 <= self.conv1d.kernel_size[0] <= 4 and self.conv_dim % 8 == 0
 
-    def _fused(self, zxbcdt):
-        """mamba-ssm's fused conv1d + scan + gated norm + out_proj, in batch slices that stay
-        under the kernels' int32 offset limit (13 images of Adventurer-B at 224 px, patch 1)."""
-        length, width = zxbcdt.shape[1:]
-        max_batch = kernel_batch_limit(length, width)
+    def _in_kernel_batches(self, run, t):
+        """run(t) in batch slices that keep one kernel call under the int32 offset limit (13
+        images of Adventurer-B at 224 px, patch 1); a batch that fits is passed as it is."""
+        max_batch = kernel_batch_limit(t.shape[1], self.in_proj.out_features)
         if max_batch == 0:
-            raise ValueError(f"a single sequence of {length} tokens x {width} channels exceeds the "
-                             f"mamba-ssm kernels' int32 limit; set pixelvit.USE_KERNELS = False")
+            raise ValueError(f"a single sequence of {t.shape[1]} tokens x {self.in_proj.out_features} "
+                             f"channels exceeds the mamba-ssm kernels' int32 limit; "
+                             f"set pixelvit.USE_KERNELS = False")
+        if t.shape[0] <= max_batch:
+            return run(t)
+        return torch.cat([run(part) for part in t.split(max_batch)], dim=0)
+
+    def _fused(self, zxbcdt):
+        """mamba-ssm's fused conv1d + scan + gated norm + out_proj."""
         fused = functools.partial(
             _mamba_fused_scan(), conv1d_weight=self.conv1d.weight.squeeze(1),
             conv1d_bias=self.conv1d.bias, dt_bias=self.dt_bias, A=-torch.exp(self.A_log.float()),
@@ -358,9 +415,23 @@ class Mamba2Mixer(nn.Module):
             rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
             outproj_weight=self.out_proj.weight, outproj_bias=None, headdim=self.headdim,
             ngroups=self.ngroups, norm_before_gate=False)
-        if zxbcdt.shape[0] <= max_batch:
-            return fused(zxbcdt)
-        return torch.cat([fused(part) for part in zxbcdt.split(max_batch)], dim=0)
+        return self._in_kernel_batches(fused, zxbcdt)
+
+    def _triton_ssd(self, u):
+        """mamba-ssm's Triton SSD scan between a PyTorch causal conv and the PyTorch gated norm."""
+        return self._in_kernel_batches(self._triton_ssd_batch, u)
+
+    def _triton_ssd_batch(self, u):
+        b, l, _ = u.shape
+        g, n, h, p = self.ngroups, self.d_state, self.nheads, self.headdim
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, h], dim=-1)
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))   # causal: crop
+        x, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        y = _mamba_chunk_scan()(x.reshape(b, l, h, p), dt, -torch.exp(self.A_log.float()),
+                                B.reshape(b, l, g, n), C.reshape(b, l, g, n), self.chunk_size,
+                                D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+        y = self.norm(y.reshape(b, l, self.d_inner), z)
+        return self.out_proj(y.to(u.dtype))
 
     def _torch(self, u):
         """The whole mixer, block by block of TORCH_BLOCK_TOKENS tokens, each block handing the
@@ -473,15 +544,22 @@ class Attention(nn.Module):
     def forward(self, x):
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads)
-        use_flash = (USE_KERNELS and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)
-                     and _flash_attn_func() is not None)
-        self.last_path = "flash_attn" if use_flash else "sdpa"
-        if use_flash:  # FlashAttention takes (b, n, heads, head_dim)
+        self.last_path = self.kernel_path(qkv)
+        if self.last_path == "flash_attn":  # FlashAttention takes (b, n, heads, head_dim)
             out = _flash_attn_func()(*qkv.unbind(2))
         else:          # SDPA takes (b, heads, n, head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
         return self.proj(out.reshape(b, n, d))
+
+    def kernel_path(self, qkv):
+        """FlashAttention on CUDA in half precision where it imports, SDPA everywhere else."""
+        if not (USE_KERNELS and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)):
+            return "sdpa"
+        if _flash_attn_func() is not None:
+            return "flash_attn"
+        _require_kernels(self)
+        return "sdpa"
 
 
 class Mlp(nn.Module):

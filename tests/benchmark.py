@@ -18,8 +18,9 @@
    grows with the number of tokens. `--compile` adds torch.compile rows.
 6. `--table6` (GPU): the paper's Table 6 for DeiT-B and Adventurer-B at 224 px, patch 16 to 1: images/s,
    memory per image, GPU-hours per ImageNet epoch, TFLOP/s and MFU, kernels and PyTorch paths side
-   by side, bf16 and fp16, next to the paper's A100 figures. An out-of-memory row is recorded as
-   such; rows past `--time-budget` are recorded as skipped.
+   by side, bf16 and fp16, next to the paper's A100 figures. Adventurer-B first (kernels, then the
+   PyTorch path), then DeiT-B, each configuration in a subprocess; every row's error is recorded
+   (out of memory as such), rows past `--time-budget` say so, and --json is written row by row.
 """
 import argparse
 import glob
@@ -27,9 +28,12 @@ import importlib.metadata
 import json
 import os
 import platform
+import queue
 import resource
+import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import torch
@@ -265,31 +269,113 @@ def package_versions():
     return versions
 
 
-def bench_table6(args):
-    """Table 6 rows, one `train.py --benchmark` each, in this process."""
-    rows, deadline, kernels_setting = [], time.time() + args.time_budget, pv.USE_KERNELS
-    versions = package_versions()
-    runs = [(amp, model, kernels, patch) for amp in ("bf16", "fp16") for model in ("deit_b", "adv_b")
-            for kernels in ((True, False) if amp == "bf16" else (True,)) for patch in sorted(PAPER_TABLE6, reverse=True)]
-    for amp, model, kernels, patch in runs:
-        row = dict(model=model, patch=patch, amp=amp, kernels=kernels, batch=TABLE6_BATCH[patch],
-                   paper_gpu_hours=PAPER_TABLE6[patch][model])
-        if time.time() > deadline:
-            rows.append({**row, "status": "skipped: time budget"})
-            continue
-        pv.USE_KERNELS = kernels
+def table6_configs(report):
+    """The Table 6 runs, most valuable first, each (amp, model, path): the mamba-ssm kernels and
+    the PyTorch path of Adventurer-B, then DeiT-B (FlashAttention only where it imports: without
+    it a "kernel" row would repeat the SDPA row), then the second mamba-ssm tier, then fp16."""
+    adv_kernel = "mamba_ssm_fused" if report["mamba_ssm_fused"] else "mamba_ssm_triton_ssd"
+    deit_paths = ["flash_attn", "sdpa"] if report["flash_attn"] else ["sdpa"]
+    configs = [("bf16", "adv_b", adv_kernel), ("bf16", "adv_b", "torch")]
+    configs += [("bf16", "deit_b", path) for path in deit_paths]
+    if report["mamba_ssm_fused"]:
+        configs.append(("bf16", "adv_b", "mamba_ssm_triton_ssd"))
+    configs += [("fp16", "adv_b", adv_kernel), ("fp16", "deit_b", deit_paths[0])]
+    return configs
+
+
+PATH_ENV = {   # what each path sets for its subprocess (see the kernel notes in pixelvit.py)
+    "mamba_ssm_fused": dict(PIXELVIT_KERNELS="1", PIXELVIT_FUSED_MAMBA="1", PIXELVIT_REQUIRE_KERNELS="1"),
+    "mamba_ssm_triton_ssd": dict(PIXELVIT_KERNELS="1", PIXELVIT_FUSED_MAMBA="0", PIXELVIT_REQUIRE_KERNELS="1"),
+    "flash_attn": dict(PIXELVIT_KERNELS="1", PIXELVIT_REQUIRE_KERNELS="1"),
+    "torch": dict(PIXELVIT_KERNELS="0"),
+    "sdpa": dict(PIXELVIT_KERNELS="0"),
+}
+ROW_MARK = "TABLE6_ROW "
+TABLE6_ROWS_COMMAND = [sys.executable, os.path.abspath(__file__), "--table6-rows"]
+
+
+def table6_rows_in_this_process(amp, model, patches):
+    """One `train.py --benchmark` per patch size, each printed as a marked JSON line as soon as it
+    is measured; every error is recorded in its row (an out-of-memory one as such) and the next
+    patch size still runs."""
+    for patch in patches:
+        row = dict(status="ok")
         try:
-            result = train.main(["--benchmark", "--model", model, "--patch", str(patch), "--res", "224",
-                                 "--batch-size", str(row["batch"]), "--amp", amp, "--benchmark-steps", "3"])
-            row.update(result, status="ok", gpu_hours=IMAGENET_TRAIN_IMAGES / result["images_per_s"] / 3600)
+            row.update(train.main(["--benchmark", "--model", model, "--patch", str(patch), "--res", "224",
+                                   "--batch-size", str(TABLE6_BATCH[patch]), "--amp", amp,
+                                   "--benchmark-steps", "3"]))
+            row["gpu_hours"] = IMAGENET_TRAIN_IMAGES / row["images_per_s"] / 3600
         except torch.cuda.OutOfMemoryError:
             row["status"] = "out of memory"
+        except Exception as e:
+            row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         torch.cuda.empty_cache()
-        rows.append(row)
-        if args.json:   # row by row, so that a run cut short keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump({"versions": versions, "table6": rows}, f, indent=1)
-    pv.USE_KERNELS = kernels_setting
+        print(ROW_MARK + json.dumps({**row, "patch": patch}), flush=True)
+
+
+def run_table6_config(amp, model, path, patches, deadline):
+    """The rows of one (amp, model, path), in a subprocess, so that a crash, a hang or a poisoned
+    CUDA context costs only that configuration; rows it did not reach by `deadline` say why."""
+    if time.time() >= deadline:
+        yield from (dict(patch=patch, status="skipped: time budget") for patch in patches)
+        return
+    command = [*TABLE6_ROWS_COMMAND, amp, model, *map(str, patches)]
+    proc = subprocess.Popen(command, env={**os.environ, **PATH_ENV[path]}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    lines = queue.Queue()
+
+    def read_lines():   # in a thread, so that the wait for the next line can time out
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read_lines, daemon=True).start()
+    measured, tail = {}, []
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.time()))
+        except queue.Empty:
+            proc.kill()
+            ended = "timed out: the time budget ran out during this row"
+            break
+        if line is None:
+            proc.wait()
+            ended = f"not reached: the run exited with status {proc.returncode}: {' | '.join(tail[-3:])}"
+            break
+        if line.startswith(ROW_MARK):
+            row = json.loads(line[len(ROW_MARK):])
+            measured[row["patch"]] = row
+            yield row
+        else:
+            tail.append(line.strip())
+    for patch in patches:
+        if patch not in measured:
+            yield dict(patch=patch, status=ended)
+            ended = "skipped: time budget" if ended.startswith("timed out") else ended
+
+
+def write_json_atomically(path, data):
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(f"{path}.tmp", path)
+
+
+def bench_table6(args):
+    """Table 6 rows, configuration by configuration, written to --json row by row."""
+    rows, deadline = [], time.time() + args.time_budget
+    versions, report = package_versions(), pv.backends()
+    patches = sorted(PAPER_TABLE6, reverse=True)
+    notes = [] if report["flash_attn"] else [f"flash-attn not installed ({report['why'].get('flash_attn')}): "
+                                             "DeiT-B rows use SDPA only"]
+    for amp, model, path in table6_configs(report):
+        for row in run_table6_config(amp, model, path, patches, deadline):
+            row = dict(model=model, amp=amp, path=path, batch=TABLE6_BATCH[row["patch"]],
+                       paper_gpu_hours=PAPER_TABLE6[row["patch"]][model], **row)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.json:   # row by row, so that a run cut short keeps what it measured
+                write_json_atomically(args.json, {"device": torch.cuda.get_device_name(), "versions": versions,
+                                                  "backends": report, "notes": notes, "table6": rows})
     return rows
 
 
@@ -324,7 +410,12 @@ def main():
     parser.add_argument("--table6", action="store_true", help="run only section 6, the paper's Table 6 (GPU)")
     parser.add_argument("--time-budget", type=float, default=240, help="seconds for section 6's rows")
     parser.add_argument("--json", help="also write all rows to this file")
+    parser.add_argument("--table6-rows", nargs="+", metavar="AMP MODEL PATCH",
+                        help="internal: the rows of one Table 6 configuration, run by --table6 in a subprocess")
     args = parser.parse_args()
+    if args.table6_rows:
+        amp, model, *patches = args.table6_rows
+        return table6_rows_in_this_process(amp, model, [int(p) for p in patches])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.res = args.res or (224 if device.type == "cuda" else 64)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
@@ -354,15 +445,19 @@ def main():
         print_table(results["models"], ["model", "patch", "tokens", "compiled", "images_per_s",
                                         "memory_mb_per_image", "kb_per_token", "tflops", "backends"])
         print_table(memory_ratios(results["models"]), ["patch", "tokens", "adv_t_over_deit_t_memory"])
-    if 6 in args.sections:
-        results["table6"] = bench_table6(args)
-        print_table(results["table6"], ["model", "patch", "amp", "kernels", "batch", "status", "images_per_s",
-                                        "memory_mb_per_image", "gpu_hours", "paper_gpu_hours", "tflops", "mfu",
-                                        "backends"])
+    if 6 in args.sections:   # --json written row by row, with the versions and the kernels found
+        rows = bench_table6(args)
+        print_table(rows, ["model", "patch", "amp", "path", "batch", "status", "images_per_s",
+                           "memory_mb_per_image", "gpu_hours", "paper_gpu_hours", "tflops", "mfu", "backends"])
+        failed = [r for r in rows if not r["status"].startswith(("ok", "out of memory", "skipped"))]
+        print(f"Table 6: {len(rows)} rows, {sum(r['status'] == 'ok' for r in rows)} measured, {len(failed)} failed"
+              + (f" (first: {failed[0]['model']} {failed[0]['path']} patch {failed[0]['patch']}: "
+                 f"{failed[0]['status']})" if failed else ""))
+        return 1 if failed else 0
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

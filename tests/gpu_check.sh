@@ -1,85 +1,294 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a bare GPU machine without network, in at most ~8 minutes:
-#   1. versions (GPU, driver, CUDA, torch, triton, kernel packages)
-#   2. kernel build from the sdists (and any wheels) carried in sdists/, for this GPU's
-#      architecture only, when the kernels do not import yet
-#   3. the parity tests (tests/test_gpu.py) with PIXELVIT_REQUIRE_KERNELS=1: a missing kernel fails
-#   4. the Table 6 benchmark (DeiT-B and Adventurer-B at 224 px, patch 16 to 1), each row time-boxed
-# Everything is also written to $OUT (default gpu_check/): report.txt, table6.json, pytest.xml.
+# The one-shot GPU check: one command on a GPU machine without network, its report inside 9 minutes.
 #
-#   bash tests/gpu_check.sh                 # on the GPU machine, from the repository root
-#   GPU_CHECK_SKIP_BUILD=1 bash tests/gpu_check.sh
+#   bash tests/gpu_check.sh            # from the repository root, with the carried files in sdists/
 #
-# On a machine without CUDA it prints the versions and what it would run, and exits 0 (CI runs it so).
+# Steps, most valuable first, each in a time box, each run whatever the steps before it did:
+#   preflight       versions; stops at once (exit 2) without torch, without CUDA, or with an nvcc
+#                   whose major version differs from torch.version.cuda's
+#   mamba-ssm       installed from its sdist without its CUDA extension (pixelvit calls only its
+#                   Triton ops; a stand-in selective_scan_cuda lets `import mamba_ssm` through)
+#   causal-conv1d   a carried wheel that imports is used; otherwise built for this GPU's architecture
+#                   only, in the background while the next step runs; the wheel is kept in $OUT/wheels
+#   parity          PIXELVIT_REQUIRE_KERNELS=1 python -m pytest tests/test_gpu.py, in slices:
+#                   the Triton SSD tier in bf16 (during the build), the fused op in bf16, the int32
+#                   batch split and model logits, and float32/fp16 last if time remains
+#   table6          python tests/benchmark.py --table6, Adventurer-B first, row by row
+# Everything lands in $OUT (default gpu_check/): report.txt (all output), summary.json (each step's
+# status and seconds), pytest-*.xml, table6.json, build-causal-conv1d.log, wheels/. The exit status
+# is 0 only if every step passed; otherwise the first failure is named in the last line.
+#
+# Settings (environment): PYTHON (default python3), OUT, GPU_CHECK_CARRY (the carried sdists and
+# wheels, default sdists/), GPU_CHECK_BUDGET (seconds, default 540).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_check}
-mkdir -p "$OUT"
+PYTHON=${PYTHON:-python3}
+OUT=$(realpath -m "${OUT:-gpu_check}")
+CARRY=$(realpath -m "${GPU_CHECK_CARRY:-sdists}")
+BUDGET=${GPU_CHECK_BUDGET:-540}
+WORK=$(mktemp -d)                 # the check's own site-packages and build tree
+SITE=$WORK/site
+mkdir -p "$OUT" "$SITE" "$WORK/build"
+rm -f "$OUT"/steps.tsv "$OUT"/summary.json "$OUT"/pytest-*.xml "$OUT"/table6.json
 exec > >(tee "$OUT/report.txt") 2>&1
-start=$(date +%s)
-section() { echo; echo "== $1 ($(( $(date +%s) - start )) s)"; }
+TEE_PID=$!
+START=$(date +%s)
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PIXELVIT_REQUIRE_KERNELS=1
+export PYTHON OUT CARRY WORK SITE START
 
-section "versions"
-nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>/dev/null \
-    || echo "nvidia-smi: not found"
-python - <<'EOF'
-import importlib.metadata as md
-import torch
-print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPU: "
-      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-for package in ("triton", "mamba-ssm", "causal-conv1d", "flash-attn", "einops"):
-    try:
-        print(f"{package} {md.version(package)}")
-    except md.PackageNotFoundError:
-        print(f"{package}: not installed")
-EOF
-has_gpu=$(python -c "import torch; print(int(torch.cuda.is_available()))")
+# Sequential time boxes in seconds, in order; they sum to at most 540. The build runs beside the
+# mamba-ssm install and the Triton-tier parity step, in its own box, which ends inside the box of the
+# step that waits for it. The last parity slice takes whatever time is left.
+BOX_PREFLIGHT=20
+BOX_BUILD=285
+BOX_MAMBA_SSM=40
+BOX_PARITY_TRITON=130
+BOX_BUILD_WAIT=120
+BOX_PARITY_FUSED=45
+BOX_PARITY_MODELS=70
+BOX_TABLE6=95
+REPORT_RESERVE=10
 
-kernels_import() {   # which kernels import; with "why", also the reason for each one that does not
-    if [ "${1:-}" = why ]; then python -W always -c "import pixelvit as pv; print(pv.backends())" 2>&1
-    else python -c "import pixelvit as pv; print(pv.backends())" 2>/dev/null | tail -1; fi
+elapsed() { echo $(($(date +%s) - START)); }
+remaining() { echo $((BUDGET - REPORT_RESERVE - $(elapsed))); }
+section() { echo; echo "== $1 ($(elapsed) s)"; }
+
+# record STEP STATUS SECONDS BOX NOTE: one line of $OUT/steps.tsv, which summary.json is made of
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5//$'\t'/ }" >> "$OUT/steps.tsv"; }
+
+finish() {   # summary.json and the table from steps.tsv (in awk: it must work where Python does not)
+    awk -F'\t' -v out="$OUT/summary.json" '
+        function quoted(s) { gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
+        BEGIN { print "| step | status | seconds | box | note |\n|---|---|---|---|---|"; passed = "true" }
+        {
+            printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, substr($5, 1, 120)
+            if ($2 != "ok" && $2 != "skipped") passed = "false"
+            steps = steps (NR > 1 ? ",\n" : "") sprintf("  {\"step\": %s, \"status\": %s, \"seconds\": %d, \"box\": %d, \"note\": %s}",
+                                                    quoted($1), quoted($2), $3, $4, quoted($5))
+        }
+        END { printf "{\"passed\": %s, \"steps\": [\n%s\n]}\n", passed, steps > out }
+    ' "$OUT/steps.tsv"
+    local failed
+    failed=$(awk -F'\t' '$2 != "ok" && $2 != "skipped" {print $1 ": " $2 ": " $5; exit}' "$OUT/steps.tsv")
+    echo
+    if [ -n "$failed" ]; then echo "gpu_check: FAILED at $failed"; else echo "gpu_check: all steps passed"; fi
+    exec >&- 2>&-
+    wait "$TEE_PID"
+    rm -rf "$WORK"
+    if [ -n "$failed" ]; then exit "${1:-1}"; fi
+    exit 0
 }
 
-section "kernels"
+stop_early() {   # a machine this check cannot use: say why, write the summary, exit 2
+    echo "gpu_check: cannot run here: $1"
+    record preflight failed "$(elapsed)" "$BOX_PREFLIGHT" "$1"
+    finish 2
+}
+
+# step NAME BOX COMMAND...: the command (a program or an exported function) under `timeout`, for its
+# box or what is left of the budget if less, its status recorded; with under 5 s left it is
+# recorded as skipped, not run.
+step() {
+    local name=$1 box=$2 began left status note
+    began=$(elapsed)
+    shift 2
+    left=$(remaining)
+    [ "$left" -lt "$box" ] && box=$left
+    section "$name (box $box s)"
+    if [ "$box" -lt 5 ]; then
+        record "$name" skipped 0 "$box" "the time budget ran out"
+        echo "skipped: the time budget ran out"
+        return
+    fi
+    STEP_BOX=$box timeout --kill-after=5 "$box" bash -c '"$@"' "$name" "$@"
+    status=$?
+    case $status in
+        0) note="" ;;
+        124|137) note="timed out after $box s" ;;
+        *) note="exit status $status" ;;
+    esac
+    if [ -s "$WORK/note" ]; then note="${note:+$note; }$(tail -1 "$WORK/note")"; fi
+    rm -f "$WORK/note"
+    if [ "$status" = 0 ]; then
+        record "$name" ok $(($(elapsed) - began)) "$box" "$note"
+    elif [ "$status" = 124 ] || [ "$status" = 137 ]; then
+        record "$name" "timed out" $(($(elapsed) - began)) "$box" "$note"
+    else
+        record "$name" failed $(($(elapsed) - began)) "$box" "$note"
+    fi
+}
+
+note() { echo "$*"; echo "$*" >> "$WORK/note"; }   # a step's one-line reason, also in the summary
+export -f note
+
+# ----------------------------------------------------------------------------------------------
+section "preflight"
+nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>/dev/null \
+    || echo "nvidia-smi: not found"
+command -v "$PYTHON" >/dev/null || stop_early "no $PYTHON on PATH (set PYTHON to the interpreter with torch)"
+"$PYTHON" - <<'EOF' > "$WORK/torch.txt"
+import importlib.metadata as md, platform
+try:
+    import torch
+except Exception as e:
+    print(f"NO_TORCH {type(e).__name__}: {e}")
+    raise SystemExit
+gpu = torch.cuda.is_available()
+print(f"TORCH {torch.__version__} {torch.version.cuda or 'none'} {int(gpu)}")
+print(f"Python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"GPU: {torch.cuda.get_device_name() if gpu else 'none'}"
+      + (" (sm_%d%d)" % torch.cuda.get_device_capability() if gpu else ""))
+if gpu:
+    print("ARCH %d%d" % torch.cuda.get_device_capability())
+for package in ("triton", "transformers", "einops", "ninja", "setuptools", "wheel", "pycocotools",
+                "mamba-ssm", "causal-conv1d", "flash-attn"):
+    try:
+        print(f"  {package} {md.version(package)}")
+    except md.PackageNotFoundError:
+        print(f"  {package}: not installed")
+EOF
+grep -v "^TORCH \|^ARCH \|^NO_TORCH " "$WORK/torch.txt"
+if grep -q "^NO_TORCH" "$WORK/torch.txt" || ! grep -q "^TORCH " "$WORK/torch.txt"; then
+    stop_early "$PYTHON cannot import torch ($(sed -n 's/^NO_TORCH //p' "$WORK/torch.txt"))"
+fi
+read -r _ torch_version torch_cuda has_gpu < <(grep "^TORCH " "$WORK/torch.txt")
 if [ "$has_gpu" != 1 ]; then
-    echo "no CUDA GPU: kernel build, parity tests and Table 6 are skipped. On a GPU machine this runs:"
-    echo "  pip install --no-index --no-build-isolation --no-deps sdists/causal_conv1d-*.tar.gz sdists/mamba_ssm-*.tar.gz sdists/flash_attn-*.whl"
-    echo "  PIXELVIT_REQUIRE_KERNELS=1 python -m pytest tests/test_gpu.py"
-    echo "  python tests/benchmark.py --table6 --json $OUT/table6.json"
-    exit 0
+    stop_early "torch $torch_version (CUDA $torch_cuda) sees no CUDA GPU; nvidia-smi: $(nvidia-smi -L 2>/dev/null | head -1 || echo 'not found')"
 fi
-kernels_import why
-if [ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ] && ! kernels_import | grep -q "'mamba_ssm': True"; then
-    # This GPU's architecture only (the setup.py files list every architecture themselves, so the
-    # list is cut down in unpacked copies), a local build (FORCE_BUILD: no wheel is looked up),
-    # against the installed torch (--no-build-isolation), from local files only (--no-index).
-    arch=$(python -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
-    export TORCH_CUDA_ARCH_LIST="${arch:0:-1}.${arch: -1}" MAX_JOBS=${MAX_JOBS:-$(nproc)}
-    export CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE
-    # build tools and mamba-ssm's imports, carried as wheels (ninja: parallel compilation;
-    # `import mamba_ssm` imports einops and transformers)
-    pip install --no-index --find-links sdists ninja einops packaging setuptools wheel transformers 2>&1 | tail -1
-    build=$(mktemp -d)
-    for sdist in sdists/causal_conv1d-*.tar.gz sdists/mamba_ssm-*.tar.gz; do
-        [ -e "$sdist" ] || { echo "missing $sdist: see README, Kernels"; continue; }
-        tar xzf "$sdist" -C "$build"
-    done
-    python tests/keep_arch.py "$arch" "$build"/*/setup.py
-    for package in "$build"/causal_conv1d-* "$build"/mamba_ssm-*; do
-        [ -d "$package" ] || continue
-        echo "building $(basename "$package") for sm_$arch with MAX_JOBS=$MAX_JOBS"
-        timeout 420 pip install --no-index --no-build-isolation --no-deps "$package" 2>&1 | tail -3
-    done
-    for wheel in sdists/flash_attn-*.whl; do
-        [ -e "$wheel" ] && pip install --no-index --no-deps "$wheel" 2>&1 | tail -1
-    done
+arch=$(sed -n 's/^ARCH //p' "$WORK/torch.txt")
+# CUDA_HOME's nvcc (default /usr/local/cuda) before the one on PATH, which may be a wrapper elsewhere
+NVCC=$(ls "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" 2>/dev/null || command -v nvcc)
+[ -n "$NVCC" ] || stop_early "no nvcc in \$CUDA_HOME/bin or on PATH (causal-conv1d is built with it)"
+CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}
+[ -e "$CUDA_HOME/include/cuda_runtime.h" ] \
+    || stop_early "no CUDA headers in $CUDA_HOME/include: set CUDA_HOME to the toolkit that holds $NVCC"
+nvcc_version=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+echo "nvcc $nvcc_version ($NVCC), building for sm_$arch"
+if [ "${nvcc_version%%.*}" != "${torch_cuda%%.*}" ]; then
+    stop_early "nvcc $nvcc_version does not match torch's CUDA $torch_cuda: a CUDA ${torch_cuda%%.*}.x nvcc is needed"
 fi
-kernels_import why
+export CUDA_HOME PATH="$(dirname "$NVCC"):$PATH" arch
+record preflight ok "$(elapsed)" "$BOX_PREFLIGHT" "torch $torch_version, CUDA $torch_cuda, nvcc $nvcc_version, sm_$arch"
 
-section "parity tests"
-PIXELVIT_REQUIRE_KERNELS=1 timeout 180 python -m pytest -q -rA tests/test_gpu.py --junitxml="$OUT/pytest.xml" 2>&1 | tail -30
+# ----------------------------------------------------------------------------------------------
+causal_conv1d_imports() {   # the extension loads against this torch (which must be imported first)
+    "$PYTHON" -c "import torch, causal_conv1d_cuda; from causal_conv1d import causal_conv1d_fn" \
+        2> "$WORK/import.err" || { tail -1 "$WORK/import.err"; return 1; }
+}
 
-section "Table 6"
-rm -f "$OUT/table6.json"
-timeout 200 python tests/benchmark.py --table6 --time-budget 150 --json "$OUT/table6.json"
-section "done"
+build_causal_conv1d() {   # in the background: its log in $OUT, its status in $WORK/build.status
+    local wheel sdist
+    for wheel in "$CARRY"/causal_conv1d-*.whl; do
+        [ -e "$wheel" ] || continue
+        "$PYTHON" -m pip install --no-index --no-deps --target "$SITE" "$wheel" >/dev/null 2>&1
+        if causal_conv1d_imports; then echo "carried wheel $(basename "$wheel") imports: not rebuilt"; return 0; fi
+        echo "carried wheel $(basename "$wheel") does not import against this torch: building"
+        rm -rf "$SITE"/causal_conv1d*
+    done
+    sdist=$(ls "$CARRY"/causal_conv1d-*.tar.gz 2>/dev/null | sort | tail -1)
+    [ -n "$sdist" ] || { echo "no causal_conv1d-*.tar.gz in $CARRY"; return 1; }
+    tar xzf "$sdist" -C "$WORK/build" || return 1
+    "$PYTHON" tests/keep_arch.py "$arch" "$WORK"/build/causal_conv1d-*/setup.py || return 1
+    mkdir -p "$OUT/wheels"
+    echo "building $(basename "$sdist") for sm_$arch with MAX_JOBS=${MAX_JOBS:-$(nproc)}"
+    CAUSAL_CONV1D_FORCE_BUILD=TRUE TORCH_CUDA_ARCH_LIST="${arch:0:-1}.${arch: -1}" MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+        "$PYTHON" -m pip wheel -v --no-index --no-deps --no-build-isolation -w "$OUT/wheels" "$WORK"/build/causal_conv1d-* \
+        || return 1
+    "$PYTHON" -m pip install --no-index --no-deps --target "$SITE" "$OUT"/wheels/causal_conv1d-*.whl || return 1
+    causal_conv1d_imports
+}
+section "causal-conv1d build, in the background (box $BOX_BUILD s, log: build-causal-conv1d.log)"
+export -f build_causal_conv1d causal_conv1d_imports
+export BUILD_DEADLINE=$(($(elapsed) + BOX_BUILD)) BOX_BUILD
+# its own process group (setsid), so that a build still running when its waiting step ends can be
+# stopped whole, compilers included
+setsid bash -c 'timeout --kill-after=5 "$BOX_BUILD" bash -c build_causal_conv1d > "$OUT/build-causal-conv1d.log" 2>&1
+                echo $? > "$WORK/build.status"' &
+BUILD_PID=$!
+
+install_mamba_ssm() {
+    local sdist
+    sdist=$(ls "$CARRY"/mamba_ssm-*.tar.gz 2>/dev/null | sort | tail -1)
+    [ -n "$sdist" ] || { note "no mamba_ssm-*.tar.gz in $CARRY (README: GPU check)"; return 1; }
+    # SKIP_CUDA_BUILD: no selective_scan_cuda (the Mamba-1 scan); FORCE_BUILD: no wheel download
+    MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "$PYTHON" -m pip install --no-index --no-deps \
+        --no-build-isolation --target "$SITE" "$sdist" > "$OUT/install-mamba-ssm.log" 2>&1 \
+        || { tail -5 "$OUT/install-mamba-ssm.log"; note "pip could not install $(basename "$sdist")"; return 1; }
+    cat > "$SITE/selective_scan_cuda.py" <<'EOF'
+"""Stand-in written by tests/gpu_check.sh: `import mamba_ssm` imports this extension (the Mamba-1
+selective scan), which pixelvit never calls and the check does not build."""
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    raise ImportError(f"selective_scan_cuda.{name}: mamba-ssm's Mamba-1 scan was not built")
+EOF
+    for wheel in "$CARRY"/flash_attn-*.whl; do
+        [ -e "$wheel" ] && "$PYTHON" -m pip install --no-index --no-deps --target "$SITE" "$wheel" | tail -1
+    done
+    "$PYTHON" -c "from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined" \
+        || { note "mamba_ssm.ops.triton.ssd_combined does not import"; return 1; }
+    echo "mamba-ssm $(basename "$sdist") installed without its CUDA extension"
+}
+export -f install_mamba_ssm
+step mamba-ssm "$BOX_MAMBA_SSM" install_mamba_ssm
+
+parity() {   # parity SLICE PYTEST-ARGS...: one slice of tests/test_gpu.py, its JUnit XML in $OUT
+    local slice=$1
+    shift
+    "$PYTHON" -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT/pytest-$slice.xml" "$@" \
+        2>&1 | tee "$WORK/pytest.out"
+    local status=${PIPESTATUS[0]}
+    note "$(tail -1 "$WORK/pytest.out")"
+    return "$status"
+}
+export -f parity
+FLASH_MARK=()
+ls "$CARRY"/flash_attn-*.whl >/dev/null 2>&1 || "$PYTHON" -c "import flash_attn" 2>/dev/null \
+    || FLASH_MARK=(-m "not flash_attn")
+step parity-triton-ssd-bf16 "$BOX_PARITY_TRITON" parity triton-ssd-bf16 \
+    -k "test_mamba_kernel_matches_the_pytorch_path and mamba_ssm_triton_ssd and bfloat16"
+
+wait_for_build() {
+    while [ ! -e "$WORK/build.status" ] && [ "$(elapsed)" -lt $((BUILD_DEADLINE + 10)) ]; do sleep 2; done
+    tail -3 "$OUT/build-causal-conv1d.log"
+    local status
+    status=$(cat "$WORK/build.status" 2>/dev/null || echo none)
+    case $status in
+        0) "$PYTHON" -W always -c "import pixelvit as pv; r = pv.backends(); print(r)
+raise SystemExit(0 if r['mamba_ssm_fused'] else 'the fused op is unavailable: ' + r['why']['mamba_ssm_fused'])" \
+               2>&1 | tee "$WORK/backends.txt"
+           [ "${PIPESTATUS[0]}" = 0 ] || { note "$(tail -1 "$WORK/backends.txt")"; return 1; } ;;
+        124|137) note "the build ran past its $BOX_BUILD s box (build-causal-conv1d.log)"; return 1 ;;
+        none) note "the build had not finished (build-causal-conv1d.log)"; return 1 ;;
+        *) note "the build failed: $(grep -m1 -E 'error:|FAILED:|no causal|does not import' \
+                   "$OUT/build-causal-conv1d.log" | cut -c1-200)"
+           return 1 ;;
+    esac
+}
+export -f wait_for_build elapsed
+step causal-conv1d "$BOX_BUILD_WAIT" wait_for_build
+kill -TERM -- -"$BUILD_PID" 2>/dev/null
+
+step parity-fused-bf16 "$BOX_PARITY_FUSED" parity fused-bf16 \
+    -k "test_mamba_kernel_matches_the_pytorch_path and mamba_ssm_fused and bfloat16"
+step parity-models "$BOX_PARITY_MODELS" parity models ${FLASH_MARK[@]+"${FLASH_MARK[@]}"} \
+    -k "int32 or logits or gpu_matches_cpu"
+table6() {   # the rows stop 15 s before the box does, so that the table is printed and written
+    "$PYTHON" tests/benchmark.py --table6 --time-budget $((STEP_BOX - 15)) --json "$OUT/table6.json" \
+        | tee "$WORK/table6.out"
+    local status=${PIPESTATUS[0]}
+    note "$(grep '^Table 6:' "$WORK/table6.out" | tail -1)"
+    return "$status"
+}
+export -f table6
+step table6 "$BOX_TABLE6" table6
+step parity-rest "$(remaining)" parity rest ${FLASH_MARK[@]+"${FLASH_MARK[@]}"} \
+    -k "(test_mamba_kernel_matches_the_pytorch_path and not bfloat16) or flash_attention"
+if [ ${#FLASH_MARK[@]} -gt 0 ]; then
+    echo "flash-attn is neither installed nor carried: its tests were left out (README: GPU check)"
+fi
+
+section "summary"
+finish 1

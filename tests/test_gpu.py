@@ -1,7 +1,10 @@
 """Kernels against the PyTorch paths on a GPU, each against a float64 reference.
 
 Without a GPU or kernels these tests skip; with PIXELVIT_REQUIRE_KERNELS=1 (tests/gpu_check.sh sets
-it) they fail instead, so that a broken kernel install cannot pass.
+it) they fail instead, so that a broken kernel install cannot pass. Each mamba-ssm tier is tested on
+its own (the fused op, and the Triton SSD scan that runs without causal-conv1d); the tests that need
+flash-attn carry the `flash_attn` mark, so a machine without it can leave out just those
+(`-m "not flash_attn"`).
 
 Tolerances: a kernel may be off the float64 reference by at most four times what the PyTorch path is
 off at the same precision (a wrong argument is off by order 1), or by a floor where the kernels' arithmetic differs by design: Triton's dot
@@ -21,13 +24,25 @@ PIXELS_224 = 224 * 224 + 2      # the mixer sees N + CLS + the heading-average t
 FLOOR = {torch.float32: 3e-3, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 
 
-def require(mamba=False, flash=False):
-    """Skip (fail under PIXELVIT_REQUIRE_KERNELS=1) unless CUDA and the named kernels are there."""
+def require(mamba=None, flash=False):
+    """Skip (fail under PIXELVIT_REQUIRE_KERNELS=1) unless CUDA and the named kernels are there:
+    mamba="mamba_ssm_fused" or "mamba_ssm_triton_ssd" (a tier), "any" (either tier)."""
+    tiers = {"mamba_ssm_fused": pv._mamba_fused_scan, "mamba_ssm_triton_ssd": pv._mamba_chunk_scan}
+    if mamba is None:
+        mamba_ok = True
+    elif mamba == "any":
+        mamba_ok = any(lookup() is not None for lookup in tiers.values())
+    else:
+        mamba_ok = tiers[mamba]() is not None
     missing = [what for what, ok in [("a CUDA GPU", torch.cuda.is_available()),
-                                     ("mamba-ssm + causal-conv1d", not mamba or pv._mamba_fused_scan()),
+                                     (f"mamba-ssm's {mamba} kernels", mamba_ok),
                                      ("flash-attn", not flash or pv._flash_attn_func())] if not ok]
     if missing:
-        (pytest.fail if REQUIRED else pytest.skip)(f"needs {', '.join(missing)}")
+        (pytest.fail if REQUIRED else pytest.skip)(f"needs {', '.join(missing)}: {pv.KERNEL_PROBLEMS}")
+
+
+def best_mamba_tier():
+    return "mamba_ssm_fused" if pv._mamba_fused_scan() else "mamba_ssm_triton_ssd"
 
 
 def relative_error(a, b):
@@ -64,17 +79,25 @@ def compare(module, inputs, dtype, monkeypatch, kernel_path, torch_path):
         assert relative_error(pick(kernel), pick(reference)) <= allowed, name
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_mamba_kernel_matches_the_pytorch_path(dtype, monkeypatch):
+DTYPES = dict(argnames="dtype", argvalues=[torch.float32, torch.bfloat16, torch.float16],
+              ids=["float32", "bfloat16", "float16"])
+TIERS = ["mamba_ssm_fused", "mamba_ssm_triton_ssd"]
+
+
+@pytest.mark.parametrize(**DTYPES)
+@pytest.mark.parametrize("tier", TIERS)
+def test_mamba_kernel_matches_the_pytorch_path(tier, dtype, monkeypatch):
     # forward and every gradient: input, in_proj, conv weight and bias, dt_bias, A_log, D, norm, out_proj
-    require(mamba=True)
+    require(mamba=tier)
+    monkeypatch.setattr(pv, "USE_FUSED_MAMBA", tier == "mamba_ssm_fused")
     torch.manual_seed(0)
     mixer = pv.Mamba2Mixer(768).cuda()                     # Adventurer-B's mixer
     u = torch.randn(2, 56 * 56 + 2, 768, device="cuda")    # 224 px at patch 4
-    compare(mixer, [u], dtype, monkeypatch, "mamba_ssm_fused", "torch_chunked_ssd")
+    compare(mixer, [u], dtype, monkeypatch, tier, "torch_chunked_ssd")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.flash_attn
+@pytest.mark.parametrize(**{**DTYPES, "argvalues": DTYPES["argvalues"][1:], "ids": DTYPES["ids"][1:]})
 def test_flash_attention_matches_sdpa(dtype, monkeypatch):
     require(flash=True)
     torch.manual_seed(0)
@@ -83,11 +106,13 @@ def test_flash_attention_matches_sdpa(dtype, monkeypatch):
     compare(attention, [x], dtype, monkeypatch, "flash_attn", "sdpa")
 
 
-def test_int32_batch_split_at_adventurer_b_patch_1():
+@pytest.mark.parametrize("tier", TIERS)
+def test_int32_batch_split_at_adventurer_b_patch_1(tier, monkeypatch):
     # 14 images of Adventurer-B at 224 px, patch 1 exceed 2**31 in_proj elements: one kernel call
     # would corrupt memory. Images 0, 12 and 13 (both sides of the split at 13) against their own
     # batch-1 runs, forward and backward.
-    require(mamba=True)
+    require(mamba=tier)
+    monkeypatch.setattr(pv, "USE_FUSED_MAMBA", tier == "mamba_ssm_fused")
     torch.manual_seed(0)
     mixer = pv.Mamba2Mixer(768).cuda().bfloat16()
     assert pv.kernel_batch_limit(PIXELS_224, mixer.in_proj.out_features) == 13
@@ -95,7 +120,7 @@ def test_int32_batch_split_at_adventurer_b_patch_1():
     weights = torch.randn(14, PIXELS_224, 768, device="cuda", dtype=torch.bfloat16)
     together = mixer(u)
     (together * weights).float().sum().backward()
-    assert mixer.last_path == "mamba_ssm_fused"
+    assert mixer.last_path == tier
     together = together.detach()
     for i in (0, 12, 13):
         alone = u[i:i + 1].detach().requires_grad_(True)
@@ -106,10 +131,11 @@ def test_int32_batch_split_at_adventurer_b_patch_1():
         assert relative_error(u.grad[i:i + 1], alone.grad) < 1e-2, i
 
 
-@pytest.mark.parametrize("name", ["adv_b", "deit_b"])
+@pytest.mark.parametrize("name", ["adv_b", pytest.param("deit_b", marks=pytest.mark.flash_attn)])
 @pytest.mark.parametrize("patch", [16, 4])
 def test_model_logits_kernels_against_the_pytorch_paths(name, patch, monkeypatch):
-    require(mamba=name.startswith("adv"), flash=name.startswith("deit"))
+    # Adventurer-B with the best mamba-ssm tier there is, DeiT-B with FlashAttention
+    require(mamba="any" if name.startswith("adv") else None, flash=name.startswith("deit"))
     torch.manual_seed(0)
     model = pv.create_model(name, patch=patch).cuda().eval()
     images = torch.randn(2, 3, 224, 224, device="cuda")
@@ -122,7 +148,7 @@ def test_model_logits_kernels_against_the_pytorch_paths(name, patch, monkeypatch
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 results[kernels] = model(images)
             results[kernels, "paths"] = set(pv.backends(model)["mixers"].values())
-    assert results[True, "paths"] == {"mamba_ssm_fused" if name.startswith("adv") else "flash_attn"}
+    assert results[True, "paths"] == {best_mamba_tier() if name.startswith("adv") else "flash_attn"}
     allowed = max(4 * relative_error(results[False], reference), FLOOR[torch.bfloat16])
     assert relative_error(results[True], reference) <= allowed
 

@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 import tarfile
-import textwrap
 import types
 import warnings
 
@@ -15,16 +14,17 @@ import torch
 
 import pixelvit as pv
 from helpers import ROOT
-from keep_arch import keep_arch
 
 
-LOOKUPS = (pv._mamba_fused_scan, pv._flash_attn_func)   # cached once per process
+LOOKUPS = (pv._mamba_ssd_module, pv._mamba_fused_scan, pv._mamba_chunk_scan, pv._flash_attn_func)
+CUDA_BF16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)   # what kernel_path reads
 
 
 @pytest.fixture(autouse=True)
 def fresh_kernel_lookup(monkeypatch):
     """Each test looks the kernels up afresh and leaves no cached stand-in behind."""
     monkeypatch.delenv("PIXELVIT_REQUIRE_KERNELS", raising=False)
+    monkeypatch.setattr(pv, "KERNEL_PROBLEMS", {})
     for lookup in LOOKUPS:
         lookup.cache_clear()
     yield
@@ -33,6 +33,10 @@ def fresh_kernel_lookup(monkeypatch):
 
 
 def fused_op(*args, **kwargs):
+    raise AssertionError("a stand-in: never called here")
+
+
+def chunk_scan_op(*args, **kwargs):
     raise AssertionError("a stand-in: never called here")
 
 
@@ -45,6 +49,7 @@ def install_mamba_ssm(monkeypatch, **conv_functions):
     for name, module in zip(names, modules):
         monkeypatch.setitem(sys.modules, name, module)
     modules[-1].mamba_split_conv1d_scan_combined = fused_op
+    modules[-1].mamba_chunk_scan_combined = chunk_scan_op
     for name, value in conv_functions.items():
         setattr(modules[-1], name, value)
 
@@ -54,18 +59,23 @@ def missing(monkeypatch, *names):
         monkeypatch.setitem(sys.modules, name, None)   # import raises ModuleNotFoundError
 
 
+CAUSAL_CONV1D_OK = dict(causal_conv1d_fn=len, causal_conv1d_fwd_function=len, causal_conv1d_bwd_function=len)
+
+
 def test_mamba_ssm_with_causal_conv1d_is_used(monkeypatch):
-    install_mamba_ssm(monkeypatch, causal_conv1d_fn=len, causal_conv1d_fwd_function=len,
-                      causal_conv1d_bwd_function=len)
-    assert pv._mamba_fused_scan() is fused_op
+    install_mamba_ssm(monkeypatch, **CAUSAL_CONV1D_OK)
+    assert pv._mamba_fused_scan() is fused_op and pv._mamba_chunk_scan() is chunk_scan_op
+    mixer = pv.Mamba2Mixer(64, d_state=16, headdim=16)
+    assert mixer.kernel_path(CUDA_BF16) == "mamba_ssm_fused"
 
 
 @pytest.mark.parametrize("conv_functions", [
     dict(causal_conv1d_fn=None, causal_conv1d_fwd_function=None, causal_conv1d_bwd_function=None),  # >= 2.2.5
     dict(causal_conv1d_fn=None, causal_conv1d_cuda=None),                                             # 2.0-2.2
 ])
-def test_mamba_ssm_without_a_usable_causal_conv1d_is_refused(monkeypatch, conv_functions):
-    # mamba-ssm imports fine, but its conv functions are None: the first forward would fail
+def test_mamba_ssm_without_a_usable_causal_conv1d_takes_the_triton_ssd(monkeypatch, conv_functions):
+    # mamba-ssm imports fine, but its conv functions are None: the fused op's first forward would
+    # fail, while its Triton SSD scan needs no causal-conv1d
     install_mamba_ssm(monkeypatch, **conv_functions)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.warns(UserWarning, match=r"causal-conv1d >= 1\.5\.1"):
@@ -73,6 +83,30 @@ def test_mamba_ssm_without_a_usable_causal_conv1d_is_refused(monkeypatch, conv_f
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert pv._mamba_fused_scan() is None   # warned once per process, not per call
+        assert pv._mamba_chunk_scan() is chunk_scan_op
+        mixer = pv.Mamba2Mixer(64, d_state=16, headdim=16)
+        assert mixer.kernel_path(CUDA_BF16) == "mamba_ssm_triton_ssd"
+    report = pv.backends()
+    assert (report["mamba_ssm_fused"], report["mamba_ssm_triton_ssd"]) == (False, True)
+    assert "causal-conv1d >= 1.5.1" in report["why"]["mamba_ssm_fused"]
+
+
+@pytest.mark.parametrize("setting,value,path", [
+    ("USE_FUSED_MAMBA", False, "mamba_ssm_triton_ssd"),   # PIXELVIT_FUSED_MAMBA=0
+    ("USE_KERNELS", False, "torch_chunked_ssd"),          # PIXELVIT_KERNELS=0
+])
+def test_settings_choose_the_tier(monkeypatch, setting, value, path):
+    install_mamba_ssm(monkeypatch, **CAUSAL_CONV1D_OK)
+    monkeypatch.setattr(pv, setting, value)
+    mixer = pv.Mamba2Mixer(64, d_state=16, headdim=16)
+    assert mixer.kernel_path(CUDA_BF16) == path
+
+
+def test_only_cuda_below_float64_takes_a_kernel(monkeypatch):
+    install_mamba_ssm(monkeypatch, **CAUSAL_CONV1D_OK)
+    mixer = pv.Mamba2Mixer(64, d_state=16, headdim=16)
+    assert mixer.kernel_path(types.SimpleNamespace(is_cuda=True, dtype=torch.float64)) == "torch_chunked_ssd"
+    assert mixer.kernel_path(torch.zeros(1, dtype=torch.bfloat16)) == "torch_chunked_ssd"   # CPU
 
 
 def test_missing_kernels_warn_with_the_reason_only_where_cuda_is(monkeypatch):
@@ -84,21 +118,32 @@ def test_missing_kernels_warn_with_the_reason_only_where_cuda_is(monkeypatch):
     for lookup in LOOKUPS:
         lookup.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.warns(UserWarning, match="mamba-ssm kernels unavailable.*ModuleNotFoundError"):
+    with pytest.warns(UserWarning, match="mamba_ssm_fused kernels unavailable.*ModuleNotFoundError"):
         assert pv._mamba_fused_scan() is None
-    with pytest.warns(UserWarning, match="flash-attn kernels unavailable.*ModuleNotFoundError"):
+    with pytest.warns(UserWarning, match="mamba_ssm_triton_ssd kernels unavailable.*ModuleNotFoundError"):
+        assert pv._mamba_chunk_scan() is None
+    with pytest.warns(UserWarning, match="flash_attn kernels unavailable.*ModuleNotFoundError"):
         assert pv._flash_attn_func() is None
 
 
-def test_required_kernels_that_are_missing_are_an_error(monkeypatch):
-    missing(monkeypatch, "mamba_ssm", "flash_attn")
+def test_required_kernels_fail_only_the_mixer_that_lacks_one(monkeypatch):
     monkeypatch.setenv("PIXELVIT_REQUIRE_KERNELS", "1")
-    with pytest.raises(RuntimeError, match="mamba-ssm.*PIXELVIT_REQUIRE_KERNELS=1"):
-        pv._mamba_fused_scan()
-    with pytest.raises(RuntimeError, match="flash-attn.*PIXELVIT_REQUIRE_KERNELS=1"):
-        pv._flash_attn_func()
-    with pytest.raises(RuntimeError, match="PIXELVIT_REQUIRE_KERNELS"):
-        pv.backends()
+    attention, mixer = pv.Attention(64, 4), pv.Mamba2Mixer(64, d_state=16, headdim=16)
+    # flash-attn missing, mamba-ssm's Triton SSD there: only attention on CUDA is an error
+    install_mamba_ssm(monkeypatch, causal_conv1d_fn=None)
+    missing(monkeypatch, "flash_attn")
+    report = pv.backends()                       # reports, never raises
+    assert not report["flash_attn"] and "ModuleNotFoundError" in report["why"]["flash_attn"]
+    assert mixer.kernel_path(CUDA_BF16) == "mamba_ssm_triton_ssd"
+    with pytest.raises(RuntimeError, match="Attention found no usable kernel.*PIXELVIT_REQUIRE_KERNELS=1"):
+        attention.kernel_path(CUDA_BF16)
+    assert attention.kernel_path(torch.zeros(1, dtype=torch.bfloat16)) == "sdpa"   # CPU: SDPA is the path
+    # no mamba-ssm at all: the mixer on CUDA is an error too
+    missing(monkeypatch, "mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", "mamba_ssm.ops.triton.ssd_combined")
+    for lookup in LOOKUPS:
+        lookup.cache_clear()
+    with pytest.raises(RuntimeError, match="Mamba2Mixer found no usable kernel.*mamba_ssm_triton_ssd"):
+        mixer.kernel_path(CUDA_BF16)
 
 
 @pytest.mark.parametrize("d_conv,expand,accepted", [(4, 2, True), (2, 2, True), (5, 2, False), (1, 2, False)])
@@ -116,53 +161,24 @@ def test_a_batch_that_fits_one_kernel_call_is_not_copied(monkeypatch):
     assert mixer._fused(mixer.in_proj(torch.randn(3, 5, 32))) is result
 
 
-# --- the one-shot GPU check -------------------------------------------------------------------
-
-SETUP_PY = '''
-        cc_flag.append("-gencode")
-        cc_flag.append("arch=compute_80,code=sm_80")
-        if bare_metal_version >= Version("11.8"):
-            cc_flag.append("-gencode")
-            cc_flag.append("arch=compute_90,code=sm_90")
-        if bare_metal_version >= Version("12.8"):
-            cc_flag.append("-gencode")
-            cc_flag.append("arch=compute_100,code=sm_100")
-'''
-
-
-def test_kernel_builds_keep_only_this_gpus_architecture():
-    # the pattern of mamba-ssm 2.3 and causal-conv1d 1.7's setup.py
-    text = keep_arch(SETUP_PY, "90")
-    assert re.findall(r"code=sm_(\d+)", text) == ["90"]
-    compile(textwrap.dedent(text), "setup.py", "exec")   # an emptied `if` keeps a body: still Python
-    with pytest.raises(ValueError, match="sm_89"):
-        keep_arch(SETUP_PY, "89")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script builds and benchmarks")
-def test_gpu_check_script_runs_its_cpu_part(tmp_path):
-    script = os.path.join(ROOT, "tests", "gpu_check.sh")
-    subprocess.run(["bash", "-n", script], check=True)
-    proc = subprocess.run(["bash", script], env={**os.environ, "OUT": str(tmp_path)}, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    report = (tmp_path / "report.txt").read_text()
-    assert f"torch {torch.__version__}" in report and "GPU: none" in report
-    assert "no CUDA GPU: kernel build, parity tests and Table 6 are skipped" in report
-
-
 # --- the fused op's wiring, against mamba-ssm's own reference of it ---------------------------
 
+SDIST_HINT = ("needs the mamba-ssm and causal-conv1d sdists in sdists/ (`.ci/run` fetches them; "
+              "README, Tests)")
+
+
 @pytest.fixture
-def mamba_ssm_reference(tmp_path, monkeypatch):
-    """mamba-ssm's pure-PyTorch `mamba_split_conv1d_scan_ref`, the reference its tests hold the
-    fused CUDA op to, run on CPU from the sdists in sdists/ (see README, Kernels): the two compiled
-    extensions are stubbed, and the three CUDA calls inside the reference are pointed at the
-    packages' own pure-PyTorch references (causal_conv1d_ref, selective_scan_ref, rms_norm_ref)."""
+def ssd_combined(tmp_path, monkeypatch):
+    """mamba-ssm's `ops/triton/ssd_combined.py` from the sdists in sdists/, on CPU, with its pure-
+    PyTorch references wired in where it calls CUDA: the fused op's reference
+    `mamba_split_conv1d_scan_ref` (the one its tests hold the fused op to) calls causal-conv1d,
+    selective_scan and the gated norm, which are pointed at the packages' own references
+    (causal_conv1d_ref, selective_scan_ref, rms_norm_ref). The package's __init__ is skipped (it
+    imports transformers and every compiled extension); the two compiled extensions are stubbed."""
     sdists = [glob.glob(os.path.join(ROOT, "sdists", f"{name}-*.tar.gz")) for name in ("mamba_ssm", "causal_conv1d")]
     if not all(sdists):
-        pytest.skip("needs the mamba-ssm and causal-conv1d sdists in sdists/: pip download --no-deps "
-                    "--no-binary :all: mamba-ssm causal-conv1d -d sdists")
+        pytest.skip(SDIST_HINT)
+    pytest.importorskip("triton", reason="mamba-ssm's ops import triton (it comes with torch's CUDA builds)")
     for found in sdists:
         with tarfile.open(sorted(found)[-1]) as tar:
             tar.extractall(tmp_path, filter="data")
@@ -170,6 +186,9 @@ def mamba_ssm_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", [str(p) for p in tmp_path.iterdir()] + sys.path)
     for extension in ("selective_scan_cuda", "causal_conv1d_cuda"):
         monkeypatch.setitem(sys.modules, extension, types.ModuleType(extension))
+    package = types.ModuleType("mamba_ssm")
+    package.__path__ = [str(next(tmp_path.glob("mamba_ssm-*")) / "mamba_ssm")]
+    monkeypatch.setitem(sys.modules, "mamba_ssm", package)
     from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
     from mamba_ssm.ops import selective_scan_interface
     from mamba_ssm.ops.triton import layernorm_gated, ssd_combined
@@ -177,26 +196,49 @@ def mamba_ssm_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(selective_scan_interface, "selective_scan_fn", selective_scan_interface.selective_scan_ref)
     monkeypatch.setattr(ssd_combined, "rmsnorm_fn", lambda x, weight, bias, z, eps, norm_before_gate:
                         layernorm_gated.rms_norm_ref(x, weight, bias, z=z, eps=eps, norm_before_gate=norm_before_gate))
-    yield ssd_combined.mamba_split_conv1d_scan_ref
+    yield ssd_combined
     for name in set(sys.modules) - before:   # leave no mamba_ssm behind for the kernel lookups
         if name.split(".")[0] in ("mamba_ssm", "causal_conv1d"):
             del sys.modules[name]
 
 
-def test_fused_path_passes_what_mamba_ssm_expects(mamba_ssm_reference, monkeypatch):
-    # every argument _fused hands the fused op (conv weight layout, dt_bias, A, D, gated-norm
-    # order, heads, groups), checked by the op's own reference against the PyTorch path
+def wiring_mixer():
     torch.manual_seed(0)
     mixer = pv.Mamba2Mixer(64, d_state=16, headdim=16, chunk_size=32).double()
     with torch.no_grad():
         mixer.norm.weight.uniform_(0.5, 1.5)
         mixer.conv1d.bias.uniform_(-0.5, 0.5)
         mixer.D.uniform_(0.5, 1.5)
-    monkeypatch.setattr(pv, "_mamba_fused_scan", lambda: mamba_ssm_reference)
+    return mixer
+
+
+def test_fused_path_passes_what_mamba_ssm_expects(ssd_combined, monkeypatch):
+    # every argument _fused hands the fused op (conv weight layout, dt_bias, A, D, gated-norm
+    # order, heads, groups), checked by the op's own reference against the PyTorch path
+    mixer = wiring_mixer()
+    monkeypatch.setattr(pv, "_mamba_fused_scan", lambda: ssd_combined.mamba_split_conv1d_scan_ref)
     u = torch.randn(3, 70, 64, dtype=torch.float64)
     fused = mixer._fused(mixer.in_proj(u))
     # the op takes A in float32, as the kernels do: equal up to that rounding
     assert torch.allclose(fused, mixer._torch(u), rtol=1e-5, atol=1e-6)
+
+
+def test_triton_ssd_path_passes_what_mamba_ssm_expects(ssd_combined, monkeypatch):
+    # the middle tier: x/B/C/dt layout, dt_bias with softplus inside the scan, D, chunk size, the
+    # conv cropped to causal, checked with mamba-ssm's reference of `mamba_chunk_scan_combined`
+    # (the same chunk_state / state_passing / chunk_scan steps in PyTorch; it takes whole chunks
+    # only, so 96 tokens = 3 chunks of 32)
+    mixer = wiring_mixer()
+    calls = []
+
+    def reference_scan(*args, **kwargs):
+        calls.append(kwargs)
+        return ssd_combined.ssd_chunk_scan_combined_ref(*args, **kwargs)
+
+    monkeypatch.setattr(pv, "_mamba_chunk_scan", lambda: reference_scan)
+    u = torch.randn(3, 96, 64, dtype=torch.float64)
+    assert torch.allclose(mixer._triton_ssd(u), mixer._torch(u), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1 and calls[0]["dt_softplus"] is True
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="here the GPU tests run for real")

@@ -1,6 +1,7 @@
 """Models: official key layout and sizes, equivalence with independent references, the API."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pixelvit as pv
 from reference import adventurer_reference, mixer_after_in_proj
@@ -352,7 +353,7 @@ def test_backends_reports_the_path_taken():
     model(torch.randn(1, 3, 16, 16))
     report = pv.backends(model)
     assert report["mixers"]["blocks.0.attn"] == "sdpa"  # CPU: no flash-attn
-    assert set(report) >= {"flash_attn", "mamba_ssm", "kernels_enabled"}
+    assert set(report) >= {"flash_attn", "mamba_ssm_fused", "mamba_ssm_triton_ssd", "kernels_enabled"}
 
 
 # --- the int32 limit of the mamba-ssm kernels ---------------------------------------------------
@@ -383,6 +384,24 @@ def test_kernel_path_splits_the_batch(monkeypatch):
     monkeypatch.setattr(pv, "INT32_LIMIT", 10)
     with pytest.raises(ValueError, match="int32"):
         mixer._fused(zxbcdt)
+
+
+def test_triton_ssd_path_splits_the_batch(monkeypatch):
+    torch.manual_seed(0)
+    mixer = pv.Mamba2Mixer(32, d_state=8, headdim=16, chunk_size=8).double()
+    calls = []
+
+    def fake_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus):   # the Triton scan's math
+        calls.append(x.shape[0])
+        y = pv.ssd_recurrent(x, F.softplus(dt + dt_bias), A, B, C)
+        return y + D[:, None] * x
+
+    monkeypatch.setattr(pv, "_mamba_chunk_scan", lambda: fake_scan)
+    u = torch.randn(7, 20, 32, dtype=torch.float64)
+    monkeypatch.setattr(pv, "INT32_LIMIT", 3 * 20 * mixer.in_proj.out_features + 5)
+    # A reaches the scan in float32, as the kernels take it: equal up to that rounding
+    assert torch.allclose(mixer._triton_ssd(u), mixer._torch(u), rtol=1e-5, atol=1e-6)
+    assert calls == [3, 3, 1]
 
 
 # --- bad input -------------------------------------------------------------------------------------

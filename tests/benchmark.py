@@ -336,7 +336,7 @@ def run_table6_config(amp, model, path, patches, deadline):
             line = lines.get(timeout=max(0.0, deadline - time.time()))
         except queue.Empty:
             proc.kill()
-            ended = "timed out: the time budget ran out during this row"
+            ended = "skipped: time budget (cut during this row)"
             break
         if line is None:
             proc.wait()
@@ -351,7 +351,7 @@ def run_table6_config(amp, model, path, patches, deadline):
     for patch in patches:
         if patch not in measured:
             yield dict(patch=patch, status=ended)
-            ended = "skipped: time budget" if ended.startswith("timed out") else ended
+            ended = "skipped: time budget" if ended.startswith("skipped") else ended
 
 
 def write_json_atomically(path, data):
@@ -362,7 +362,7 @@ def write_json_atomically(path, data):
 
 def bench_table6(args):
     """Table 6 rows, configuration by configuration, written to --json row by row."""
-    rows, deadline = [], time.time() + args.time_budget
+    rows, deadline = [], args.deadline or time.time() + args.time_budget
     versions, report = package_versions(), pv.backends()
     patches = sorted(PAPER_TABLE6, reverse=True)
     notes = [] if report["flash_attn"] else [f"flash-attn not installed ({report['why'].get('flash_attn')}): "
@@ -409,6 +409,8 @@ def main():
     parser.add_argument("--sections", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="which sections to run")
     parser.add_argument("--table6", action="store_true", help="run only section 6, the paper's Table 6 (GPU)")
     parser.add_argument("--time-budget", type=float, default=240, help="seconds for section 6's rows")
+    parser.add_argument("--deadline", type=float, help="Unix time after which section 6 starts no row and "
+                                                        "stops the one running (instead of --time-budget)")
     parser.add_argument("--json", help="also write all rows to this file")
     parser.add_argument("--table6-rows", nargs="+", metavar="AMP MODEL PATCH",
                         help="internal: the rows of one Table 6 configuration, run by --table6 in a subprocess")
@@ -449,7 +451,7 @@ def main():
         rows = bench_table6(args)
         print_table(rows, ["model", "patch", "amp", "path", "batch", "status", "images_per_s",
                            "memory_mb_per_image", "gpu_hours", "paper_gpu_hours", "tflops", "mfu", "backends"])
-        failed = [r for r in rows if not r["status"].startswith(("ok", "out of memory", "skipped"))]
+        failed = [r for r in rows if r["status"].startswith(("error", "not reached"))]
         print(f"Table 6: {len(rows)} rows, {sum(r['status'] == 'ok' for r in rows)} measured, {len(failed)} failed"
               + (f" (first: {failed[0]['model']} {failed[0]['path']} patch {failed[0]['patch']}: "
                  f"{failed[0]['status']})" if failed else ""))

@@ -33,17 +33,20 @@ rm -f "$OUT"/steps.tsv "$OUT"/summary.json "$OUT"/pytest-*.xml "$OUT"/table6.jso
 exec > >(tee "$OUT/report.txt") 2>&1
 TEE_PID=$!
 START=$(date +%s)
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PIXELVIT_REQUIRE_KERNELS=1
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PIXELVIT_REQUIRE_KERNELS=1 PYTHONUNBUFFERED=1
+# Triton keeps autotuning results on disk (Triton >= 3.4), so that each pytest and benchmark process
+# after the first reuses them instead of timing every configuration of mamba-ssm's kernels again
+export TRITON_CACHE_AUTOTUNING=1
 export PYTHON OUT CARRY WORK SITE START
 
-# Sequential time boxes in seconds, in order; they sum to at most 540. The build runs beside the
-# mamba-ssm install and the Triton-tier parity step, in its own box, which ends inside the box of the
-# step that waits for it. The last parity slice takes whatever time is left.
+# Time boxes in seconds. The build starts after the preflight and runs in its own box beside the
+# mamba-ssm install and the Triton-tier parity step; the step that waits for it lasts until the
+# build's box ends (+10 s). So the run takes at most preflight + build + 10 + the boxes after it +
+# the report's reserve = 540 s. The last parity slice takes whatever time is left.
 BOX_PREFLIGHT=20
 BOX_BUILD=285
 BOX_MAMBA_SSM=40
 BOX_PARITY_TRITON=130
-BOX_BUILD_WAIT=120
 BOX_PARITY_FUSED=45
 BOX_PARITY_MODELS=70
 BOX_TABLE6=95
@@ -156,10 +159,19 @@ if [ "$has_gpu" != 1 ]; then
     stop_early "torch $torch_version (CUDA $torch_cuda) sees no CUDA GPU; nvidia-smi: $(nvidia-smi -L 2>/dev/null | head -1 || echo 'not found')"
 fi
 arch=$(sed -n 's/^ARCH //p' "$WORK/torch.txt")
-# CUDA_HOME's nvcc (default /usr/local/cuda) before the one on PATH, which may be a wrapper elsewhere
-NVCC=$(ls "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" 2>/dev/null || command -v nvcc)
-[ -n "$NVCC" ] || stop_early "no nvcc in \$CUDA_HOME/bin or on PATH (causal-conv1d is built with it)"
-CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}
+# The toolkit: $CUDA_HOME when set; otherwise the usual install folders, then the nvcc on PATH (which
+# may be a wrapper script outside the toolkit, so the toolkit is taken from the folders first)
+if [ -n "${CUDA_HOME:-}" ]; then toolkits=("$CUDA_HOME"); else
+    toolkits=(${CUDA_PATH:+"$CUDA_PATH"} /usr/local/cuda /usr/local/cuda-* /opt/cuda /opt/nvidia/cuda*); fi
+NVCC=""
+for toolkit in "${toolkits[@]}"; do
+    if [ -x "$toolkit/bin/nvcc" ]; then NVCC=$toolkit/bin/nvcc; CUDA_HOME=$toolkit; break; fi
+done
+if [ -z "$NVCC" ] && command -v nvcc >/dev/null; then
+    NVCC=$(command -v nvcc)
+    CUDA_HOME=$(dirname "$(dirname "$(realpath "$NVCC")")")
+fi
+[ -n "$NVCC" ] || stop_early "no nvcc in ${toolkits[*]} or on PATH (causal-conv1d is built with it)"
 [ -e "$CUDA_HOME/include/cuda_runtime.h" ] \
     || stop_early "no CUDA headers in $CUDA_HOME/include: set CUDA_HOME to the toolkit that holds $NVCC"
 nvcc_version=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
@@ -202,9 +214,11 @@ export -f build_causal_conv1d causal_conv1d_imports
 export BUILD_DEADLINE=$(($(elapsed) + BOX_BUILD)) BOX_BUILD
 # its own process group (setsid), so that a build still running when its waiting step ends can be
 # stopped whole, compilers included
-setsid bash -c 'timeout --kill-after=5 "$BOX_BUILD" bash -c build_causal_conv1d > "$OUT/build-causal-conv1d.log" 2>&1
+# (`timeout` puts itself in a process group of its own: that group is the one to stop)
+setsid bash -c 'timeout --kill-after=5 "$BOX_BUILD" bash -c build_causal_conv1d > "$OUT/build-causal-conv1d.log" 2>&1 &
+                echo $! > "$WORK/build.pgid"
+                wait $!
                 echo $? > "$WORK/build.status"' &
-BUILD_PID=$!
 
 install_mamba_ssm() {
     local sdist
@@ -240,7 +254,7 @@ parity() {   # parity SLICE PYTEST-ARGS...: one slice of tests/test_gpu.py, its 
     "$PYTHON" -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT/pytest-$slice.xml" "$@" \
         2>&1 | tee "$WORK/pytest.out"
     local status=${PIPESTATUS[0]}
-    note "$(tail -1 "$WORK/pytest.out")"
+    tail -1 "$WORK/pytest.out" >> "$WORK/note"     # pytest's count, already printed: into the summary
     return "$status"
 }
 export -f parity
@@ -268,18 +282,19 @@ raise SystemExit(0 if r['mamba_ssm_fused'] else 'the fused op is unavailable: ' 
     esac
 }
 export -f wait_for_build elapsed
-step causal-conv1d "$BOX_BUILD_WAIT" wait_for_build
-kill -TERM -- -"$BUILD_PID" 2>/dev/null
+wait_box=$((BUILD_DEADLINE + 10 - $(elapsed)))
+step causal-conv1d $((wait_box > 15 ? wait_box : 15)) wait_for_build
+kill -TERM -- -"$(cat "$WORK/build.pgid")" 2>/dev/null   # a build still running is stopped whole
 
 step parity-fused-bf16 "$BOX_PARITY_FUSED" parity fused-bf16 \
     -k "test_mamba_kernel_matches_the_pytorch_path and mamba_ssm_fused and bfloat16"
 step parity-models "$BOX_PARITY_MODELS" parity models ${FLASH_MARK[@]+"${FLASH_MARK[@]}"} \
     -k "int32 or logits or gpu_matches_cpu"
-table6() {   # the rows stop 15 s before the box does, so that the table is printed and written
-    "$PYTHON" tests/benchmark.py --table6 --time-budget $((STEP_BOX - 15)) --json "$OUT/table6.json" \
+table6() {   # no row starts later than 15 s before the box ends, so that the table is printed
+    "$PYTHON" tests/benchmark.py --table6 --deadline $(($(date +%s) + STEP_BOX - 15)) --json "$OUT/table6.json" \
         | tee "$WORK/table6.out"
     local status=${PIPESTATUS[0]}
-    note "$(grep '^Table 6:' "$WORK/table6.out" | tail -1)"
+    grep '^Table 6:' "$WORK/table6.out" | tail -1 >> "$WORK/note"
     return "$status"
 }
 export -f table6

@@ -64,8 +64,7 @@ def outputs_and_grads(module, inputs, dtype, kernels, monkeypatch, weights):
 
 def compare(module, inputs, dtype, monkeypatch, kernel_path, torch_path):
     """Kernel and PyTorch path at `dtype`, each against the PyTorch path in float64."""
-    with torch.no_grad():
-        weights = torch.randn_like(module(*inputs), dtype=torch.float64)
+    weights = torch.randn(inputs[0].shape, dtype=torch.float64, device=inputs[0].device)   # out = in shape
     reference = outputs_and_grads(module.double(), [t.double() for t in inputs], torch.float64, False,
                                   monkeypatch, weights)
     module.float()

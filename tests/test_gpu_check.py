@@ -70,7 +70,7 @@ def test_the_script_parses():
     ("no python", r"no /nonexistent/python3 on PATH"),
     ("no torch", r"\S+python-without-packages cannot import torch \(ModuleNotFoundError: No module named 'torch'\)"),
     ("cpu torch", r"torch \S+ \(CUDA \S+\) sees no CUDA GPU; nvidia-smi: GPU 0: NVIDIA H100 80GB HBM3"),
-    ("no nvcc", r"no nvcc in \$CUDA_HOME/bin or on PATH"),
+    ("no nvcc", r"no nvcc in \S+/cuda or on PATH"),
     ("nvcc 12.4", r"nvcc 12\.4 does not match torch's CUDA 13\.0: a CUDA 13\.x nvcc is needed"),
 ])
 def test_a_machine_the_check_cannot_use_stops_it_at_once_with_the_reason(tmp_path, machine, reason):
@@ -100,12 +100,14 @@ def declared_boxes():
 
 def test_the_time_boxes_fit_nine_minutes():
     boxes = declared_boxes()
-    assert set(boxes) == {"BOX_PREFLIGHT", "BOX_MAMBA_SSM", "BOX_BUILD", "BOX_PARITY_TRITON", "BOX_BUILD_WAIT",
-                          "BOX_PARITY_FUSED", "BOX_PARITY_MODELS", "BOX_TABLE6", "REPORT_RESERVE"}
-    sequential = sum(v for k, v in boxes.items() if k != "BOX_BUILD")   # the build runs beside two steps
-    assert sequential <= 540
-    # the build, started after the preflight, is over before its waiting step's box is
-    assert boxes["BOX_BUILD"] <= boxes["BOX_MAMBA_SSM"] + boxes["BOX_PARITY_TRITON"] + boxes["BOX_BUILD_WAIT"]
+    assert set(boxes) == {"BOX_PREFLIGHT", "BOX_MAMBA_SSM", "BOX_BUILD", "BOX_PARITY_TRITON", "BOX_PARITY_FUSED",
+                          "BOX_PARITY_MODELS", "BOX_TABLE6", "REPORT_RESERVE"}
+    # the build starts after the preflight; the wait for it ends 10 s after the build's box does
+    longest = (boxes["BOX_PREFLIGHT"] + boxes["BOX_BUILD"] + 10 + boxes["BOX_PARITY_FUSED"]
+               + boxes["BOX_PARITY_MODELS"] + boxes["BOX_TABLE6"] + boxes["REPORT_RESERVE"])
+    assert longest <= 540
+    # the two steps that run beside the build fit inside its box
+    assert boxes["BOX_MAMBA_SSM"] + boxes["BOX_PARITY_TRITON"] <= boxes["BOX_BUILD"]
     assert "BUDGET=${GPU_CHECK_BUDGET:-540}" in open(SCRIPT).read()
 
 

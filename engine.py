@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import random
 from dataclasses import dataclass
 
@@ -156,6 +157,19 @@ def add_dense_task_args(p):
     g.add_argument("--finetune", help="backbone weights (an ImageNet checkpoint; resampled across res/patch)")
     g.add_argument("--layer-decay", type=float, default=1.0,
                    help="lr x decay^(depth + 1 - layer) for the backbone (1.0: none, as the paper states its recipe)")
+
+
+MODEL_FLAGS = ("--model", "--embed-dim", "--depth", "--num-heads", "--d-state")
+
+
+def refuse_model_run_without_data(parser, argv, script, data_help):
+    """A command that names a model (--model or a size flag) is a real run: without data it stops
+    here, instead of silently training that model on the CPU demo's data."""
+    argv = sys.argv[1:] if argv is None else argv
+    typed = [flag for flag in MODEL_FLAGS if any(a == flag or a.startswith(flag + "=") for a in argv)]
+    if typed:
+        parser.error(f"{', '.join(typed)} names a model run, which needs --data-path ({data_help}); "
+                     f"`python {script}` with no arguments runs the CPU demo")
 
 
 def parse_with_demo(parser, argv, demo, use_demo):

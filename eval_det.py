@@ -634,6 +634,8 @@ def parse_args(argv=None):
     g.add_argument("--save-predictions", help="write the COCO results file (test-dev format) here")
     g.add_argument("--visualize", type=int, default=0, help="draw boxes and masks on N validation images")
     args = engine.parse_with_demo(p, argv, DEMO, lambda a: a.data_path is None and not a.eval_results)
+    if args.data_path is None and not args.eval_results:
+        engine.refuse_model_run_without_data(p, argv, "eval_det.py", "the COCO folder")
     args.output = args.output or os.path.join("runs", f"det_{args.model}_p{args.patch}")
     return args
 

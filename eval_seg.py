@@ -452,6 +452,8 @@ def parse_args(argv=None):
     g.add_argument("--save-predictions", help="write one PNG label map per validation image here")
     g.add_argument("--visualize", type=int, default=0, help="write N image | truth | prediction overlays")
     args = engine.parse_with_demo(p, argv, DEMO, lambda a: a.data_path is None)
+    if args.data_path is None:
+        engine.refuse_model_run_without_data(p, argv, "eval_seg.py", "the ADEChallengeData2016 folder")
     if args.crop % args.patch:
         p.error(f"--crop {args.crop} must be a multiple of --patch {args.patch}")
     args.output = args.output or os.path.join("runs", f"seg_{args.model}_p{args.patch}_{args.head}")

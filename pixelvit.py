@@ -56,14 +56,13 @@ INT32_LIMIT = 2**31 - 1
 
 
 # The chunk length of the PyTorch SSD path. Any length gives the same result up to rounding;
-# it trades the sequential chunk loop against (chunk x chunk) decay matrices. Measured for an
-# Adventurer-T training step on 2 CPU cores: 64 fastest at 1,024 tokens, level with 32 at 4,096,
-# 128 slower by a quarter at both.
+# it trades the sequential chunk loop against (chunk x chunk) decay matrices (the timings that chose
+# these three constants are in docs/benchmarks.md).
 TORCH_SSD_CHUNK = 64
 # Tokens that the PyTorch Mamba-2 path (the mixer, and `ssd_chunked` on its own) works through at
 # a time, recomputing each block in backward: small enough that a block's temporaries stay in
 # cache and are reused by the allocator, not mapped afresh from the OS for every pass (which at
-# 50,176 tokens cost as much system time as compute). 1,024 and 2,048 measured alike.
+# 50,176 tokens cost as much system time as compute).
 TORCH_BLOCK_TOKENS = 1024
 # From this many tokens on, the PyTorch Mamba-2 mixer recomputes each block in the backward pass
 # instead of keeping its intermediates (below it, the recompute's per-operation overhead costs
@@ -494,8 +493,7 @@ class SwiGLU(nn.Module):
             return self._hidden_and_out(x)
         # Inference keeps nothing for a backward pass, so long sequences go through in blocks of
         # tokens: the hidden activations (2.5x wider than x) stay block-sized instead of being
-        # mapped afresh from the OS in every block (-15 % forward time for Adventurer-B at 50,176
-        # tokens on CPU).
+        # mapped afresh from the OS in every block.
         return torch.cat([self._hidden_and_out(t) for t in x.split(TORCH_BLOCK_TOKENS, dim=1)], dim=1)
 
     def _hidden_and_out(self, x):
@@ -794,9 +792,8 @@ class PatchModel(nn.Module):
     def compile_blocks(self, **kwargs):
         """torch.compile each block in place ("regional" compilation) and return the model.
         The blocks share their compiled code (one graph per flip state), so compiling costs about
-        one block's worth, where torch.compile(model) unrolls and compiles every block (on 2 CPU
-        cores: 1.5 min against more than 12 for Adventurer-T). The Mamba-2 path compiles
-        without graph breaks (fullgraph=True works)."""
+        one block's worth, where torch.compile(model) unrolls and compiles every block. The
+        Mamba-2 path compiles without graph breaks (fullgraph=True works)."""
         for block in self.blocks:
             block.compile(**kwargs)
         return self

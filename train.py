@@ -111,7 +111,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data-path", help="ImageNet-style folder with train/<class>/* and val/<class>/*")
     g.add_argument("--data", choices=["folder", "digits", "cifar10", "cifar100", "fashion-mnist"],
-                   help="default: folder with --data-path, else the bundled digits")
+                   help="default: folder with --data-path; with no data flag and no model flag, the "
+                        "demo's bundled digits")
     g.add_argument("--data-root", default="data", help="where --data cifar10/... lives")
     g.add_argument("--download", action="store_true", help="let torchvision download --data")
     g = p.add_argument_group("recipe (each flag overrides the recipe's value)")
@@ -148,6 +149,9 @@ def parse_args(argv=None):
     g.add_argument("--benchmark-steps", type=int, default=10, help="timed steps after 3 warm-up steps")
     args = p.parse_args(argv)
 
+    if args.data is None and not args.data_path and not args.benchmark:
+        engine.refuse_model_run_without_data(p, argv, "train.py",
+                                             "an ImageNet-style folder, or --data for a bundled set")
     if args.data is None:
         args.data = "folder" if args.data_path else "digits"
     demo = args.data == "digits" and not args.model

@@ -137,7 +137,7 @@ def late_gain(runs, metric="top1"):
 DIGIT_EPOCHS = 20 if FAST else 40
 DIGIT_WIDTH, DIGIT_DEPTH = 32, 2
 DIGITS = ["--embed-dim", str(DIGIT_WIDTH), "--depth", str(DIGIT_DEPTH), "--lr", "4e-3", "--warmup-epochs", "1",
-          "--epochs", str(DIGIT_EPOCHS), "--workers", "0"]
+          "--epochs", str(DIGIT_EPOCHS), "--workers", "0", "--data", "digits"]
 
 
 def digits(patch, res=8, extend=1):

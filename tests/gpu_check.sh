@@ -223,7 +223,7 @@ setsid bash -c 'timeout --kill-after=5 "$BOX_BUILD" bash -c build_causal_conv1d 
 install_mamba_ssm() {
     local sdist
     sdist=$(ls "$CARRY"/mamba_ssm-*.tar.gz 2>/dev/null | sort | tail -1)
-    [ -n "$sdist" ] || { note "no mamba_ssm-*.tar.gz in $CARRY (README: GPU check)"; return 1; }
+    [ -n "$sdist" ] || { note "no mamba_ssm-*.tar.gz in $CARRY (docs/kernels.md: the one-shot GPU check)"; return 1; }
     # SKIP_CUDA_BUILD: no selective_scan_cuda (the Mamba-1 scan); FORCE_BUILD: no wheel download
     MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "$PYTHON" -m pip install --no-index --no-deps \
         --no-build-isolation --target "$SITE" "$sdist" > "$OUT/install-mamba-ssm.log" 2>&1 \
@@ -302,7 +302,7 @@ step table6 "$BOX_TABLE6" table6
 step parity-rest "$(remaining)" parity rest ${FLASH_MARK[@]+"${FLASH_MARK[@]}"} \
     -k "(test_mamba_kernel_matches_the_pytorch_path and not bfloat16) or flash_attention"
 if [ ${#FLASH_MARK[@]} -gt 0 ]; then
-    echo "flash-attn is neither installed nor carried: its tests were left out (README: GPU check)"
+    echo "flash-attn is neither installed nor carried: its tests were left out (docs/kernels.md: the one-shot GPU check)"
 fi
 
 section "summary"

@@ -4,9 +4,11 @@ import random
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 import engine
+from helpers import run_script
 
 
 class Pairs(torch.utils.data.Dataset):
@@ -79,3 +81,32 @@ def test_per_sample_seeding_leaves_the_accelerators_alone(monkeypatch):
     assert torch.equal(host[0], torch.rand(3)) and host[1:] == (random.random(), np.random.rand())
     engine.seed_host(0, "crop", 8)
     assert not torch.equal(host[0], torch.rand(3))             # another sample, another stream
+
+
+# --- a model run never falls into the demo --------------------------------------------------------
+
+@pytest.mark.parametrize("script,argv,data_help", [
+    ("train.py", ["--model", "adv_b", "--patch", "1", "--res", "224"], "an ImageNet-style folder"),
+    ("train.py", ["--depth=2", "--patch", "4"], "an ImageNet-style folder"),
+    ("eval_seg.py", ["--model", "adv_b", "--patch", "16"], "the ADEChallengeData2016 folder"),
+    ("eval_det.py", ["--embed-dim", "64"], "the COCO folder"),
+])
+def test_a_command_naming_a_model_without_data_stops_with_what_to_add(script, argv, data_help, tmp_path):
+    # the paper's command without --data-path would otherwise train that model on the demo's data
+    proc = run_script(script, argv + ["--output", str(tmp_path / "run")], tmp_path, check=False)
+    assert proc.returncode == 2
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "names a model run, which needs --data-path" in error and data_help in error, error
+    assert f"`python {script}` with no arguments runs the CPU demo" in error
+    assert not (tmp_path / "run").exists()                      # nothing was started
+
+
+@pytest.mark.parametrize("module,argv,expected", [
+    ("train", ["--data", "digits", "--model", "adv_t"], dict(data="digits", recipe="demo")),   # asked for
+    ("train", ["--benchmark", "--model", "adv_b"], dict(model="adv_b", benchmark=True)),       # synthetic input
+    ("eval_seg", ["--patch", "8"], dict(data_path=None, patch=8)),          # demo knobs, no model flag
+    ("eval_det", ["--patch", "8"], dict(data_path=None, patch=8)),
+])
+def test_the_demo_and_data_free_runs_still_parse(module, argv, expected):
+    args = __import__(module).parse_args(argv)
+    assert {k: getattr(args, k) for k in expected} == expected

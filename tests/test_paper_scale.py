@@ -1,9 +1,10 @@
-"""Every README command of Tables 2 and 3 (Figure 2 included), run as written at the paper's input
-sizes: one training iteration and one evaluation on photos of real size written here.
+"""Every documented command of Tables 2 and 3 (Figure 2 included), run as written at the paper's
+input sizes: one training iteration and one evaluation on photos of real size written here.
 
-The rows are read from README.md's tables, so a row added there is tested here. Each run goes through
-the script's own `main` with the README's flags (`--data-path`, `--finetune` from a train.py-style
-ImageNet checkpoint of the same patch, `--grad-ckpt` where the README asks for it) and the default
+The rows are read from the tables of docs/segmentation.md and docs/detection.md (linked from the
+README's map), so a row added there is tested here. Each run goes through the script's own `main`
+with the documented flags (`--data-path`, `--finetune` from a train.py-style ImageNet checkpoint of
+the same patch, `--grad-ckpt` where the docs ask for it) and the default
 input pipeline: ADE20k's 2048x512 resize, 512 crops and sliding-window evaluation; COCO's 800/1333
 resize. What is shrunk, and only to fit two CPU cores inside CI's budget:
   * the backbone's depth (1 block; 2 for UperNet, so that its taps come from two depths);
@@ -33,11 +34,10 @@ FAST_TOKENS = 1_100        # above this many tokens per image the backbone runs 
 PIXELS = {"seg": 512 * 512, "det": 800 * 1344}
 
 
-def readme_rows(section, patch_column):
-    """The rows of the README table under the heading `section`: its cells, for rows whose
-    `patch_column` lists patch sizes."""
-    text = open(os.path.join(ROOT, "README.md")).read()
-    body = text.split(section, 1)[1].split("\n## ", 1)[0]
+def doc_rows(doc, patch_column):
+    """The rows of the tables in docs/`doc`: their cells, for rows whose `patch_column` lists patch
+    sizes."""
+    body = open(os.path.join(ROOT, "docs", doc)).read()
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in body.splitlines() if line.startswith("|")]
     return [(cells, [int(p) for p in cells[patch_column].split(",")]) for cells in rows
             if len(cells) > patch_column and re.fullmatch(r"\d+(, \d+)*", cells[patch_column])]
@@ -46,7 +46,7 @@ def readme_rows(section, patch_column):
 def segmentation_rows():
     """(model, head, patch) for Table 2's rows and Figure 2 (both heads on Adventurer-B)."""
     rows = set()
-    for (model, head, *_), patches in readme_rows("## Segmentation: `eval_seg.py`", 2):
+    for (model, head, *_), patches in doc_rows("segmentation.md", 2):
         models = ["adv_b"] if model == "Figure 2" else [model]
         heads = ["linear", "upernet"] if head == "both" else [head.lower()]
         rows |= {(m, h, p) for m in models for h in heads for p in patches}
@@ -54,7 +54,7 @@ def segmentation_rows():
 
 
 SEG_ROWS = segmentation_rows()
-DET_ROWS = [(cells[0], "cascade", p) for cells, patches in readme_rows("## Detection: `eval_det.py`", 1) for p in patches]
+DET_ROWS = [(cells[0], "cascade", p) for cells, patches in doc_rows("detection.md", 1) for p in patches]
 
 
 def test_the_readme_tables_list_every_paper_row():

@@ -14,6 +14,7 @@ from helpers import ROOT, run_and_kill, run_script
 PAPER = json.load(open(os.path.join(ROOT, "notebooks", "paper_tables.json")))
 TINY = ["--model", "adv_t", "--embed-dim", "32", "--depth", "2", "--d-state", "16", "--patch", "4",
         "--res", "16", "--workers", "0", "--recipe", "demo", "--warmup-epochs", "1"]
+DEMO_DATA = TINY + ["--data", "digits"]   # the tiny model on the bundled digits
 
 
 # --- recipes --------------------------------------------------------------------------------------
@@ -67,18 +68,18 @@ def test_color_jitter_flag_reaches_both_pipelines():
         steps = transform.transforms if hasattr(transform, "transforms") else transform.finish.transforms
         return [(t.brightness, t.contrast, t.saturation) for t in steps if isinstance(t, transforms.ColorJitter)]
 
-    demo = train.parse_args(TINY)
+    demo = train.parse_args(DEMO_DATA)
     assert demo.color_jitter == 0.0 and jitters(train.train_transform(demo)) == []   # gray 8x8 digits: off
-    strong = train.parse_args(TINY + ["--color-jitter", "0.4"])
+    strong = train.parse_args(DEMO_DATA + ["--color-jitter", "0.4"])
     assert jitters(train.train_transform(strong)) == [((0.6, 1.4),) * 3]
     pretrain = train.parse_args(["--stage", "pretrain", "--model", "adv_b", "--data-path", "x"])
     assert pretrain.three_augment and jitters(train.train_transform(pretrain)) == [((0.7, 1.3),) * 3]  # DeiT III's 0.3
 
 
 def test_lr_schedule_by_hand():
-    args = train.parse_args(TINY + ["--epochs", "10", "--lr", "1e-3", "--min-lr", "1e-5", "--warmup-lr", "1e-6"])
+    args = train.parse_args(DEMO_DATA + ["--epochs", "10", "--lr", "1e-3", "--min-lr", "1e-5", "--warmup-lr", "1e-6"])
     assert args.peak_lr == 1e-3   # the demo recipe takes --lr as it is (--unscale-lr)
-    assert train.parse_args(TINY + ["--lr", "1e-3", "--no-unscale-lr", "--batch-size", "256"]).peak_lr == 5e-4
+    assert train.parse_args(DEMO_DATA + ["--lr", "1e-3", "--no-unscale-lr", "--batch-size", "256"]).peak_lr == 5e-4
     assert train.lr_at(0, args, 100) == pytest.approx(1e-6)
     assert train.lr_at(50, args, 100) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))   # half-way through warm-up
     assert train.lr_at(100, args, 100) == pytest.approx(1e-3)                           # peak after 1 epoch

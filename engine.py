@@ -12,8 +12,8 @@ import hashlib
 import json
 import math
 import os
-import sys
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,7 +126,8 @@ def unwrap(model):
 def data_parallel(model, run):
     if run.world == 1:
         return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    device_ids = [run.device.index] if run.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ class CocoInstances(torch.utils.data.Dataset):
         boxes[:, 2:] += boxes[:, :2]
         masks = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns])) if anns else \
             torch.zeros(0, info["height"], info["width"], dtype=torch.uint8)
-        target = dict(boxes=boxes, labels=torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.long),
+        target = dict(boxes=boxes,
+                      labels=torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.long),
                       masks=masks, image_id=image_id)
         if self.flip and torch.rand(()) < 0.5:
             image, target["masks"] = image.flip(-1), masks.flip(-1)
@@ -183,7 +184,8 @@ STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 def result_kinds(results):
     """The kinds of evaluation a results list supports: "bbox" if every entry has a box, "segm" if
     every entry has a segmentation (a segm-only file is a standard COCO results format)."""
-    return [kind for kind, key in (("bbox", "bbox"), ("segm", "segmentation")) if results and all(key in r for r in results)]
+    return [kind for kind, key in (("bbox", "bbox"), ("segm", "segmentation"))
+            if results and all(key in r for r in results)]
 
 
 def coco_evaluate(coco_gt, results, kinds=None):
@@ -219,7 +221,8 @@ def coco_evaluate(coco_gt, results, kinds=None):
 def load_results(path):
     with open(path) as f:
         results = json.load(f)
-    if not isinstance(results, list) or any(not isinstance(r, dict) or not {"image_id", "category_id", "score"} <= set(r)
+    if not isinstance(results, list) or any(not isinstance(r, dict)
+                                            or not {"image_id", "category_id", "score"} <= set(r)
                                             for r in results):
         raise ValueError(f"{path}: expected a COCO results list of dicts with image_id, category_id, score, "
                          f"and bbox or segmentation")

@@ -73,7 +73,8 @@ class ADESegmentation(Dataset):
         label = torch.from_numpy(raw.astype(np.int64)) - 1
         label[label < 0] = IGNORE
         if image.shape[1:] != label.shape:
-            raise ValueError(f"{stem}: image {tuple(image.shape[1:])} and annotation {tuple(label.shape)} differ in size")
+            raise ValueError(f"{stem}: image {tuple(image.shape[1:])} and annotation {tuple(label.shape)} "
+                             "differ in size")
         return image, label, stem
 
 
@@ -167,7 +168,8 @@ class TrainCrops(Dataset):
 
 
 def conv_bn_relu(cin, cout, k):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 class UperNetHead(nn.Module):
@@ -192,7 +194,8 @@ class UperNetHead(nn.Module):
             levels[i] = levels[i] + F.interpolate(levels[i + 1], levels[i].shape[-2:], mode="bilinear",
                                                   align_corners=False)
         levels = [conv(level) for conv, level in zip(self.fpn_convs, levels[:3])] + [levels[3]]
-        fused = torch.cat([levels[0]] + [F.interpolate(level, levels[0].shape[-2:], mode="bilinear", align_corners=False)
+        fused = torch.cat([levels[0]] + [F.interpolate(level, levels[0].shape[-2:], mode="bilinear",
+                                                       align_corners=False)
                                          for level in levels[1:]], 1)
         return self.classifier(self.fpn_bottleneck(fused))
 
@@ -518,7 +521,8 @@ def main(argv=None):
         train_set = TrainCrops(ADESegmentation(args.data_path, "training", args.num_classes), args.crop, args.crop,
                                args.seed)
         metrics = engine.train_iterations(
-            run, args, model, engine.backbone_and_head_groups(model, model.backbone, args.weight_decay, args.layer_decay),
+            run, args, model,
+            engine.backbone_and_head_groups(model, model.backbone, args.weight_decay, args.layer_decay),
             train_set, lambda m, batch: segmentation_loss(m, batch, args.aux_weight), lambda it: lr_at(it, args),
             args.iters, validate, lambda done: done % args.eval_every == 0)
     if run.is_main:

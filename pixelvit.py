@@ -1056,7 +1056,7 @@ def load_checkpoint(model, checkpoint, strict=True, use_ema=False):
     if (head is not None and own_head is not None and head.shape[1:] == own_head.shape[1:]
             and head.shape[0] != own_head.shape[0]):  # another class count, same width
         warnings.warn(f"checkpoint head has {state['head.weight'].shape[0]} classes, the model "
-                      f"{model.num_classes}: the head keeps its fresh initialisation")
+                      f"{model.num_classes}: the head keeps its fresh initialisation", stacklevel=2)
         state["head.weight"], state["head.bias"] = own["head.weight"], own["head.bias"]
 
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -1085,7 +1085,8 @@ def infer_model_args(checkpoint):
     arch, prefix = ("adventurer", "layers.") if any(k.startswith("layers.") for k in state) else ("deit", "blocks.")
     width, _, patch, _ = state["patch_embed.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith(prefix))
-    name = next((n for n, c in MODEL_CONFIGS.items() if (c["arch"], c["embed_dim"], c["depth"]) == (arch, width, depth)),
+    name = next((n for n, c in MODEL_CONFIGS.items()
+                 if (c["arch"], c["embed_dim"], c["depth"]) == (arch, width, depth)),
                 None)
     if name is None:
         raise ValueError(f"no {arch} model in Table 7 has width {width} and depth {depth}")

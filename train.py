@@ -128,7 +128,8 @@ def parse_args(argv=None):
             ("mixup", float, "mixup alpha (0: off)"), ("cutmix", float, "cutmix alpha (0: off)"),
             ("reprob", float, "random erasing probability"), ("clip-grad", float, "gradient norm clip"),
             ("scale-min", float, "RandomResizedCrop's smallest area"), ("hflip", float, "flip probability"),
-            ("color-jitter", float, "brightness, contrast and saturation jitter (0: off; with --aa, timm leaves it out)"),
+            ("color-jitter", float,
+             "brightness, contrast and saturation jitter (0: off; with --aa, timm leaves it out)"),
             ("eval-crop-ratio", float, "evaluation centre crop / resize ratio")]:
         g.add_argument(f"--{name}", type=kind, help=text)
     g.add_argument("--aa", help="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1, or 'none'")
@@ -191,7 +192,8 @@ class ThreeAugment:
 
     def __init__(self, res, scale_min, hflip, color_jitter):
         self.crop_flip = transforms.Compose([
-            transforms.RandomResizedCrop(res, scale=(scale_min, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomResizedCrop(res, scale=(scale_min, 1.0),
+                                         interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(hflip)])
         self.one_of = [transforms.Grayscale(num_output_channels=3), transforms.RandomSolarize(128, p=1.0),
                        gaussian_blur]
@@ -253,9 +255,11 @@ def load_base_datasets(args, splits=("train", "val")):
         except (FileNotFoundError, RuntimeError) as e:
             raise SystemExit(f"--data-path {args.data_path}: {e}") from None
         if len(sets) == 2 and sets[0].classes != sets[1].classes:
-            raise SystemExit(f"train/ and val/ have different classes: {len(sets[0].classes)} vs {len(sets[1].classes)}")
+            raise SystemExit(f"train/ and val/ have different classes: "
+                             f"{len(sets[0].classes)} vs {len(sets[1].classes)}")
         return sets
-    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "fashion-mnist": datasets.FashionMNIST}[args.data]
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100,
+           "fashion-mnist": datasets.FashionMNIST}[args.data]
     try:
         return tuple(cls(args.data_root, train=split == "train", download=args.download) for split in splits)
     except RuntimeError as e:
@@ -461,7 +465,7 @@ def train_one_epoch(epoch, start_step, model, loader, optimizer, scaler, ema, mi
             totals["skipped"] += n_skipped
             if n_skipped and not run.warned_skip:
                 warnings.warn(f"skipping unreadable images ({n_skipped} in this batch, replaced by the next "
-                              "readable ones); the count is logged per epoch as train_skipped")
+                              "readable ones); the count is logged per epoch as train_skipped", stacklevel=2)
                 run.warned_skip = True
             images, labels = batch
             if mixup is not None and len(images) % 2:  # mixup pairs images: keep an even batch
@@ -612,7 +616,8 @@ def main(argv=None):
     train_loader, val_loader = build_loaders(args, run)
     run.steps_per_epoch = len(train_loader) // args.accum_steps if train_loader else 0
     if run.steps_per_epoch == 0 and not args.eval:
-        raise SystemExit(f"{len(train_loader.dataset)} training images give no full batch of {run.micro_batch} per rank")
+        raise SystemExit(f"{len(train_loader.dataset)} training images give no full batch of "
+                         f"{run.micro_batch} per rank")
 
     # --eval: the weights named (--resume, else --finetune), else the run folder's checkpoint.
     # Training: --finetune initialises; a checkpoint (--resume or the run folder's) continues.

@@ -193,9 +193,9 @@ def bench_peers(device, lengths, sdist_dir):
             row.update(mixer_ms=1e3 * mine, transformers_ms=1e3 * other, transformers_over_ours=other / mine)
         if minimal is not None and n % 256 == 0:   # its chunks must divide the length
             x, dt, A, B, C = ssd_inputs(n, device)
-            mine_fn = lambda x, dt, B, C: pv.ssd_chunked(x, dt, A, B, C, pv.TORCH_SSD_CHUNK)   # noqa: E731
+            mine_fn = lambda x, dt, B, C, A=A: pv.ssd_chunked(x, dt, A, B, C, pv.TORCH_SSD_CHUNK)   # noqa: E731
             # mamba-ssm's form: X = x dt, A dt per step, B and C per head; its chunk 256 is Mamba2's default
-            minimal_fn = lambda x, dt, B, C: minimal(   # noqa: E731
+            minimal_fn = lambda x, dt, B, C, A=A: minimal(   # noqa: E731
                 x * dt[..., None], A * dt, B.expand(-1, -1, A.shape[0], -1), C.expand(-1, -1, A.shape[0], -1), 256)[0]
             (mine, _), (other, _) = timed([forward_backward(mine_fn, [x, dt, B, C]),
                                            forward_backward(minimal_fn, [x, dt, B, C])], device, 1, 2)

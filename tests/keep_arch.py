@@ -9,7 +9,8 @@ by the number of architectures. tests/gpu_check.sh runs this on unpacked sdists:
 import re
 import sys
 
-GENCODE_PAIR = re.compile(r'\n([ \t]*)cc_flag\.append\("-gencode"\)\s*\n[ \t]*cc_flag\.append\("arch=compute_(\w+),code=sm_\2"\)')
+GENCODE_PAIR = re.compile(r'\n([ \t]*)cc_flag\.append\("-gencode"\)\s*'
+                          r'\n[ \t]*cc_flag\.append\("arch=compute_(\w+),code=sm_\2"\)')
 
 
 def keep_arch(setup_text, arch):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-import eval_det as det
 import engine
+import eval_det as det
 import pixelvit as pv
 from helpers import run_and_kill, run_script
 
@@ -50,7 +50,7 @@ def test_stage_box_coders_by_hand():
     heads = det.CascadeRoIHeads(32, 3, conv_dims=(32,), fc_dim=16, mask_dims=(32,))
     proposal, gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([[1.0, 1.0, 11.0, 21.0]])
     # centre shift 1 px on a 10 px box (0.1), height ratio 2: (wx dx, wy dy, ww log 1, wh log 2)
-    for coder, (wx, wy, ww, wh) in zip(heads.coders, [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]):
+    for coder, (wx, wy, _, wh) in zip(heads.coders, [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]):
         expected = torch.tensor([[wx * 0.1, wy * 0.6, 0.0, wh * torch.log(torch.tensor(2.0))]])
         assert torch.allclose(coder.encode_single(gt, proposal), expected, atol=1e-6)
     refined = heads.refine(1, heads.coders[1].encode_single(gt, proposal), [proposal], [(64, 64)])
@@ -74,7 +74,8 @@ def test_stage_weights_scale_each_stage_loss():
     plain, weighted = losses((1.0, 1.0, 1.0)), losses((1.0, 0.5, 0.25))
     for t, w in enumerate((1.0, 0.5, 0.25)):
         for kind in ("classifier", "box_reg"):
-            assert weighted[f"loss_{kind}_s{t}"].item() == pytest.approx(w * plain[f"loss_{kind}_s{t}"].item(), rel=1e-5)
+            expected = w * plain[f"loss_{kind}_s{t}"].item()
+            assert weighted[f"loss_{kind}_s{t}"].item() == pytest.approx(expected, rel=1e-5)
     for t, w in enumerate((1.0, 0.5, 0.25)):
         assert weighted[f"loss_mask_s{t}"].item() == pytest.approx(w * plain[f"loss_mask_s{t}"].item(), rel=1e-5)
         assert weighted[f"loss_mask_s{t}"].item() > 0
@@ -156,7 +157,8 @@ def test_coco_dataset_maps_categories_and_filters(coco, tmp_path):
         _, target = ds[i]
         anns = [a for a in data["annotations"] if a["image_id"] == target["image_id"] and not a["iscrowd"]
                 and a["bbox"][2] > 0]
-        assert sorted(ds.category_ids[k - 1] for k in target["labels"].tolist()) == sorted(a["category_id"] for a in anns)
+        assert (sorted(ds.category_ids[k - 1] for k in target["labels"].tolist())
+                == sorted(a["category_id"] for a in anns))
         assert torch.all(target["boxes"][:, 2:] > target["boxes"][:, :2])
         for box, mask in zip(target["boxes"], target["masks"]):   # each mask lies inside its box
             ys, xs = torch.where(mask > 0)
@@ -265,10 +267,12 @@ def test_two_process_run_gathers_every_rank_detections(tmp_path):
     run_script("eval_det.py", CLI + ["--data-path", data, "--output", out, "--eval-only",
                                      "--save-predictions", str(tmp_path / "one.json")], tmp_path)
     single = json.load(open(os.path.join(out, "eval.json")))
-    assert json.load(open(os.path.join(out, "results.json"))) == results and open(os.path.join(out, "log.jsonl")).read() == log
+    assert json.load(open(os.path.join(out, "results.json"))) == results
+    assert open(os.path.join(out, "log.jsonl")).read() == log
     ddp_preds, one_preds = (json.load(open(tmp_path / name)) for name in ("ddp.json", "one.json"))
     assert sorted(p["image_id"] for p in ddp_preds) == sorted(p["image_id"] for p in one_preds)
-    assert single["bbox_AP"] == pytest.approx(results["bbox_AP"]) and single["segm_AP"] == pytest.approx(results["segm_AP"])
+    assert single["bbox_AP"] == pytest.approx(results["bbox_AP"])
+    assert single["segm_AP"] == pytest.approx(results["segm_AP"])
 
 
 # --- paper-scale fixes: each of these failed before its fix ----------------------------------------
@@ -385,7 +389,8 @@ def test_later_stages_start_from_refined_rois_without_the_added_ground_truth():
     targets = [dict(boxes=torch.tensor([[4.0, 4, 32, 30]]), labels=torch.tensor([2]), masks=masks)]
     inputs, sampled, refined = [], [], []
     sample, refine = heads.sample, heads.refine
-    heads.sample = lambda t, boxes, targets: inputs.append(boxes) or sampled.append(sample(t, boxes, targets)) or sampled[-1]
+    heads.sample = (lambda t, boxes, targets:
+                    inputs.append(boxes) or sampled.append(sample(t, boxes, targets)) or sampled[-1])
     heads.refine = lambda *a: refined.append(refine(*a)) or refined[-1]
     heads(features, proposals, [(128, 128)], targets)
     assert len(inputs[0][0]) == 3     # stage 0: the proposals; the sampler then adds the ground truth

@@ -49,7 +49,8 @@ def test_fp16_resume_restores_the_loss_scaler(tmp_path):
     assert straight["scaler"]["scale"] < 65536.0           # the scaler did back off
     assert resumed["scaler"] == straight["scaler"]
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
-    assert metrics["iter"] == 6 and [line.count('"iter"') for line in open(tmp_path / "resumed" / "log.jsonl")] == [1] * 6
+    assert metrics["iter"] == 6
+    assert [line.count('"iter"') for line in open(tmp_path / "resumed" / "log.jsonl")] == [1] * 6
 
 
 def test_a_finished_run_returns_its_results_and_trains_no_more(tmp_path):

@@ -7,7 +7,8 @@ flash-attn carry the `flash_attn` mark, so a machine without it can leave out ju
 (`-m "not flash_attn"`).
 
 Tolerances: a kernel may be off the float64 reference by at most four times what the PyTorch path is
-off at the same precision (a wrong argument is off by order 1), or by a floor where the kernels' arithmetic differs by design: Triton's dot
+off at the same precision (a wrong argument is off by order 1), or by a floor where the kernels'
+arithmetic differs by design: Triton's dot
 runs TF32 even for float32 inputs, which mamba-ssm's own tests allow for with rtol 1e-2 / atol 3e-3
 (tests/ops/triton/test_ssd.py), and FlashAttention keeps its softmax statistics in float32 but its
 probabilities in the input dtype.
@@ -73,7 +74,7 @@ def compare(module, inputs, dtype, monkeypatch, kernel_path, torch_path):
     kernel = outputs_and_grads(module, inputs, dtype, True, monkeypatch, weights)
     assert module.last_path == kernel_path
     for name in ["output"] + list(reference[1]):
-        pick = (lambda r: r[0]) if name == "output" else (lambda r: r[1][name])   # noqa: E731
+        pick = (lambda r: r[0]) if name == "output" else (lambda r, name=name: r[1][name])   # noqa: E731
         allowed = max(4 * relative_error(pick(fallback), pick(reference)), FLOOR[dtype])
         assert relative_error(pick(kernel), pick(reference)) <= allowed, name
 

@@ -176,7 +176,8 @@ def test_dry_run_on_a_stand_in_gpu_runs_every_step_in_order_and_reports_the_fail
     assert table6["table6"][0]["model"] == "adv_b" and table6["table6"][0]["status"].startswith("error")
     assert "0 measured" in steps["table6"]["note"]
     assert proc.returncode == 1
-    assert re.fullmatch(r"gpu_check: FAILED at parity-triton-ssd-bf16: failed: exit status 1; 1 failed, 14 deselected in .*",
+    assert re.fullmatch(r"gpu_check: FAILED at parity-triton-ssd-bf16: failed: exit status 1; "
+                        r"1 failed, 14 deselected in .*",
                         proc.stdout.strip().splitlines()[-1])
 
 

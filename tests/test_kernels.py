@@ -15,7 +15,6 @@ import torch
 import pixelvit as pv
 from helpers import ROOT
 
-
 LOOKUPS = (pv._mamba_ssd_module, pv._mamba_fused_scan, pv._mamba_chunk_scan, pv._flash_attn_func)
 CUDA_BF16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)   # what kernel_path reads
 

@@ -38,7 +38,8 @@ def doc_rows(doc, patch_column):
     """The rows of the tables in docs/`doc`: their cells, for rows whose `patch_column` lists patch
     sizes."""
     body = open(os.path.join(ROOT, "docs", doc)).read()
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in body.splitlines() if line.startswith("|")]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in body.splitlines() if line.startswith("|")]
     return [(cells, [int(p) for p in cells[patch_column].split(",")]) for cells in rows
             if len(cells) > patch_column and re.fullmatch(r"\d+(, \d+)*", cells[patch_column])]
 
@@ -58,7 +59,8 @@ DET_ROWS = [(cells[0], "cascade", p) for cells, patches in doc_rows("detection.m
 
 
 def test_the_readme_tables_list_every_paper_row():
-    assert {(m, p) for m, h, p in SEG_ROWS if h == "linear"} == {(m, p) for m in ("adv_t", "adv_b") for p in (16, 8, 4, 2)}
+    assert ({(m, p) for m, h, p in SEG_ROWS if h == "linear"}
+            == {(m, p) for m in ("adv_t", "adv_b") for p in (16, 8, 4, 2)})
     assert {(m, p) for m, h, p in SEG_ROWS if h == "upernet"} >= {("adv_t", 16), ("adv_b", 16), ("adv_b", 2)}
     assert [p for m, _, p in DET_ROWS if m == "adv_t"] == [32, 16, 8, 4, 2]
     assert [p for m, _, p in DET_ROWS if m == "adv_b"] == [64, 32, 16, 8, 4]
@@ -138,7 +140,8 @@ def test_segmentation_command_at_paper_size(model, head, patch, ade, tmp_path):
             "--finetune", imagenet_checkpoint(str(tmp_path), model, patch, size)]
     argv += ["--grad-ckpt"] if patch <= 2 else []
     argv += ["--upernet-channels", "64"] if head == "upernet" and patch != 16 else []
-    argv += size_flags(size) + ["--iters", "1", "--batch-size", "2", "--workers", "0", "--output", str(tmp_path / "run")]
+    argv += size_flags(size) + ["--iters", "1", "--batch-size", "2", "--workers", "0",
+                                "--output", str(tmp_path / "run")]
     args = eval_seg.parse_args(argv)
     assert (args.crop, args.stride, args.mode, args.num_classes, args.lr) == (512, 341, "slide", 150, 5e-5)
     metrics = eval_seg.main(argv)

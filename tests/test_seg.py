@@ -11,6 +11,7 @@ import engine
 import eval_seg as seg
 import pixelvit as pv
 from helpers import run_and_kill, run_script
+
 TINY = ["--model", "adv_t", "--embed-dim", "32", "--depth", "4", "--d-state", "16", "--patch", "4",
         "--workers", "0", "--crop", "32", "--stride", "21", "--batch-size", "4", "--warmup-iters", "2"]
 
@@ -153,7 +154,8 @@ def test_two_process_run_and_saved_predictions(tmp_path):
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["val_images"] == 5 and results["iter"] == 4 and results["run_state"]["world"] == 2
     # one process evaluates the same checkpoint to the same numbers, and its PNGs re-score to them
-    run(TINY + ["--data-path", data, "--num-classes", "5", "--eval-only", "--resume", os.path.join(out, "checkpoint.pth"),
+    run(TINY + ["--data-path", data, "--num-classes", "5", "--eval-only",
+                "--resume", os.path.join(out, "checkpoint.pth"),
                 "--output", str(tmp_path / "eval"), "--save-predictions", preds, "--head", "upernet"], tmp_path)
     single = json.load(open(tmp_path / "eval" / "eval.json"))
     assert not os.path.exists(tmp_path / "eval" / "log.jsonl")

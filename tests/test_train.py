@@ -11,6 +11,7 @@ import engine
 import pixelvit as pv
 import train
 from helpers import ROOT, run_and_kill, run_script
+
 PAPER = json.load(open(os.path.join(ROOT, "notebooks", "paper_tables.json")))
 TINY = ["--model", "adv_t", "--embed-dim", "32", "--depth", "2", "--d-state", "16", "--patch", "4",
         "--res", "16", "--workers", "0", "--recipe", "demo", "--warmup-epochs", "1"]
@@ -44,7 +45,8 @@ def test_adventurer_recipes_equal_the_paper(stage, table, column, model):
 
 
 def test_small_uses_its_own_drop_path():
-    assert train.recipe("intermediate", "adv_s")["drop_path"] == PAPER["table10"]["stochastic_depth"]["Small/Base"]["Small"]
+    small = PAPER["table10"]["stochastic_depth"]["Small/Base"]["Small"]
+    assert train.recipe("intermediate", "adv_s")["drop_path"] == small
     assert train.recipe("finetune", "adv_s")["drop_path"] == PAPER["table9"]["stochastic_depth"]["Small/Base"]["Small"]
 
 
@@ -137,7 +139,8 @@ def test_benchmark_prints_one_json_line(capsys):
     train.main(TINY + ["--benchmark", "--batch-size", "2", "--benchmark-steps", "1"])
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
-    assert (result["model"], result["patch"], result["res"], result["tokens"], result["batch"]) == ("adv_t", 4, 16, 16, 2)
+    described = (result["model"], result["patch"], result["res"], result["tokens"], result["batch"])
+    assert described == ("adv_t", 4, 16, 16, 2)
     assert result["images_per_s"] > 0 and result["tflops"] > 0 and result["memory_mb_per_image"] > 0
     assert result["memory_measure"] == "saved for backward"   # CPU: no allocator statistics
     assert result["backends"] == ["torch_chunked_ssd"] and result["flops_count"] == "analytic"

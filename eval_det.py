@@ -46,6 +46,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
 from tqdm import tqdm
 
+import demo_data
 import engine
 import pixelvit as pv
 
@@ -142,40 +143,6 @@ def to_coco_results(out, image_id, category_ids, image_size):
     return results
 
 
-DEMO_CATEGORIES = {1: "red", 3: "green", 7: "blue", 9: "yellow"}  # ids with gaps, as COCO's have
-
-
-def write_digit_coco(root, n_train=120, n_val=20, size=64, seed=0):
-    """A tiny COCO-format set (train2017/, val2017/, annotations/instances_*.json) of real scanned
-    digits in four ink colours: one instance per digit, its category the colour, an RLE mask of its
-    ink; every fifth image holds no object."""
-    import pycocotools.mask as mask_util
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    from eval_seg import render_digit_scene
-    digits, rng = load_digits(), np.random.default_rng(seed)
-    category_ids = sorted(DEMO_CATEGORIES)
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for split, count in (("train2017", n_train), ("val2017", n_val)):
-        os.makedirs(os.path.join(root, split), exist_ok=True)
-        images, annotations = [], []
-        for k in range(count):
-            rgb, instances = render_digit_scene(rng, digits, size, 0 if k % 5 == 0 else int(rng.integers(1, 4)))
-            name = f"{k:012d}.jpg"
-            Image.fromarray(rgb).save(os.path.join(root, split, name), quality=95)
-            images.append(dict(id=k + 1, file_name=name, height=size, width=size))
-            for mask, colour in instances:
-                if not mask.any():
-                    continue
-                rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-                annotations.append(dict(id=len(annotations) + 1, image_id=k + 1, category_id=category_ids[colour],
-                                        iscrowd=0, area=float(mask_util.area(rle)), bbox=mask_util.toBbox(rle).tolist(),
-                                        segmentation=dict(size=rle["size"], counts=rle["counts"].decode("ascii"))))
-        with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
-            json.dump(dict(images=images, annotations=annotations,
-                           categories=[dict(id=c, name=n) for c, n in DEMO_CATEGORIES.items()]), f)
-    return root
 
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
@@ -664,7 +631,7 @@ def main(argv=None):
         return score_results_file(args)
     run = engine.setup(args)
     if args.data_path is None:
-        engine.prepare_demo_data(run, args, write_digit_coco)
+        engine.prepare_demo_data(run, args, demo_data.write_digit_coco)
     val_set = CocoInstances(args.img_dir or os.path.join(args.data_path, "val2017"),
                             args.ann_file or os.path.join(args.data_path, "annotations", "instances_val2017.json"))
     engine.seed_everything(args.seed, "init")

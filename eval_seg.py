@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+import demo_data
 import engine
 import pixelvit as pv
 
@@ -372,53 +373,6 @@ def save_overlay(image, label, pred, path):
     Image.fromarray(np.concatenate(panels, 1).astype(np.uint8)).save(path)
 
 
-# ----------------------------------------------------------------------------------------------
-# The demo dataset: real handwritten digits scattered on a canvas
-
-
-INK_COLOURS = np.array([[230, 60, 50], [60, 200, 70], [70, 110, 240], [235, 215, 60]])  # red green blue yellow
-
-
-def render_digit_scene(rng, digits, size, count):
-    """An RGB scene of `count` scanned digits (sides 3/8 to 1/2 of the canvas) in the four ink colours
-    on a dark noisy background; returns the image and one (ink mask, colour index) per digit, the
-    later digits drawn over the earlier ones."""
-    rgb = rng.normal(40, 12, (size, size, 1)).clip(0, 255).repeat(3, axis=2)
-    instances = []
-    for _ in range(count):
-        j, colour = rng.integers(len(digits.target)), int(rng.integers(len(INK_COLOURS)))
-        side = int(rng.integers(3 * size // 8, size // 2 + 1))   # 24-32 px on a 64 px canvas
-        glyph = np.asarray(Image.fromarray((digits.images[j] * 255 / 16).astype(np.uint8))
-                           .resize((side, side), Image.BILINEAR)) / 255.0
-        top, left = rng.integers(0, size - side, 2)
-        mask = np.zeros((size, size), bool)
-        mask[top:top + side, left:left + side] = glyph > 0.4
-        rgb[mask] = glyph[mask[top:top + side, left:left + side], None] * INK_COLOURS[colour]
-        for earlier in instances:
-            earlier[0][mask] = False
-        instances.append((mask, colour))
-    return rgb.clip(0, 255).astype(np.uint8), instances
-
-
-def write_digit_scenes(root, n_train=160, n_val=20, size=64, seed=0):
-    """A tiny ADE-format folder from scikit-learn's scanned 8x8 digits: each image holds 1-3 digits in
-    one of four ink colours. Annotation 1 is background and 2 + k the ink of colour k (5 classes):
-    thin strokes, so boundaries decide the score."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    for split, count in (("training", n_train), ("validation", n_val)):
-        for kind in ("images", "annotations"):
-            os.makedirs(os.path.join(root, kind, split), exist_ok=True)
-        for k in range(count):
-            rgb, instances = render_digit_scene(rng, digits, size, rng.integers(1, 4))
-            label = np.ones((size, size), np.uint8)
-            for mask, colour in instances:
-                label[mask] = 2 + colour
-            name = f"ADE_{'train' if split == 'training' else 'val'}_{k:08d}"
-            Image.fromarray(rgb).save(os.path.join(root, "images", split, name + ".jpg"), quality=95)
-            Image.fromarray(label).save(os.path.join(root, "annotations", split, name + ".png"))
-    return root
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,7 +452,7 @@ def main(argv=None):
     run = engine.setup(args)
     os.makedirs(args.output, exist_ok=True)
     if args.data_path is None:
-        engine.prepare_demo_data(run, args, write_digit_scenes)
+        engine.prepare_demo_data(run, args, demo_data.write_digit_scenes)
     val_set = ADESegmentation(args.data_path, "validation", args.num_classes)
     engine.seed_everything(args.seed, "init")
     model = build(args, run)

@@ -54,6 +54,10 @@ USE_FUSED_MAMBA = os.environ.get("PIXELVIT_FUSED_MAMBA", "1") != "0"
 # one call must keep batch * seqlen * in_proj width below 2**31 or it silently corrupts memory.
 INT32_LIMIT = 2**31 - 1
 
+# Dense bf16 peak TFLOP/s by GPU name, from the vendors' data sheets (H100/H200 SXM, A100, L40S,
+# A10G, RTX 4090): the denominator of `estimate_mfu`.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
+
 
 # The chunk length of the PyTorch SSD path. Any length gives the same result up to rounding;
 # it trades the sequential chunk loop against (chunk x chunk) decay matrices (the timings that chose
@@ -783,6 +787,23 @@ class PatchModel(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
 
+    def estimate_flops(self, res=None):
+        """Analytic forward FLOPs per image at `res` x `res` input (default: the configured size),
+        1 multiply-add = 2 FLOPs: the matmuls, convolutions and token mixing of every block, the
+        tokenizer and the head; norms and element-wise operations are left out. Training costs
+        about 3x this (forward + backward)."""
+        res = res or self.cfg.res
+        tokens = (res // self.patch_size * self.extend) ** 2 + 1
+        d, cfg = self.embed_dim, self.cfg
+        return cfg.depth * self._block_flops(tokens) + 2 * res * res * cfg.in_chans * d + 2 * d * cfg.num_classes
+
+    def estimate_mfu(self, images_per_second, res=None, device_name=None):
+        """Model FLOPs utilisation of a training run at this throughput: 3x the forward FLOPs per
+        image against the device's dense bf16 peak (PEAK_TFLOPS by name; None for other devices)."""
+        name = device_name or (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+        peak = next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+        return None if peak is None else 3 * self.estimate_flops(res) * images_per_second / (peak * 1e12)
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable=True):
         """Recompute each block in the backward pass: ~4.5x less activation memory, one extra
@@ -896,6 +917,11 @@ class DeiT(PatchModel):
     def final_norm(self):
         return self.norm
 
+    def _block_flops(self, tokens):
+        """qkv, proj and MLP per token, and 4 L^2 D for QK^T and AV."""
+        d, hidden = self.embed_dim, int(self.embed_dim * self.cfg.mlp_ratio)
+        return 2 * tokens * (4 * d * d + 2 * d * hidden) + 4 * tokens**2 * d
+
 
 class Adventurer(PatchModel):
     """Adventurer (Wang et al., 2024) with Patch_Scaling `models_mamba.py` keys: [patches, CLS] +
@@ -944,6 +970,19 @@ class Adventurer(PatchModel):
     @property
     def final_norm(self):
         return self.norm_f
+
+    def _block_flops(self, tokens):
+        """Per token (the mixer also sees the mean token): in_proj, depthwise conv, out_proj and
+        SwiGLU, and the SSD scan with the kernels' chunk Q = 256 (C.B^T, its masked product with x,
+        chunk states, state output)."""
+        cfg, d = self.cfg, self.embed_dim
+        inner, n, g, hidden = cfg.expand * d, cfg.d_state, cfg.ngroups, int(d * cfg.mlp_ratio)
+        length = tokens + 1
+        heads, q = inner // cfg.headdim, min(256, length)     # a short sequence is one partial chunk
+        width = 2 * inner + 2 * g * n + heads
+        linear = 2 * (d * width + cfg.d_conv * (inner + 2 * g * n) + inner * d)
+        ssd = 2 * q * n * g + 2 * q * inner + 4 * n * inner
+        return length * (linear + ssd) + tokens * 6 * d * hidden
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
+import demo_data
 import engine
 import pixelvit as pv
 
@@ -221,29 +222,10 @@ def eval_transform(args):
         transforms.Normalize(pv.IMAGENET_MEAN, pv.IMAGENET_STD)])
 
 
-class DigitsDataset(Dataset):
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes; UCI "Optical
-    Recognition of Handwritten Digits", CC BY 4.0) as RGB images; every 5th image is validation."""
-
-    def __init__(self, train):
-        from sklearn.datasets import load_digits
-        digits = load_digits()
-        keep = np.arange(len(digits.target)) % 5 != 0 if train else np.arange(len(digits.target)) % 5 == 0
-        self.images = (digits.images[keep] * (255 / 16)).astype(np.uint8)
-        self.targets = digits.target[keep].tolist()
-        self.classes = [str(i) for i in range(10)]
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return Image.fromarray(self.images[i]).convert("RGB"), self.targets[i]
-
-
 def load_base_datasets(args, splits=("train", "val")):
     """Datasets of (PIL image or path, label) for the splits, before any transform."""
     if args.data == "digits":
-        return tuple(DigitsDataset(split == "train") for split in splits)
+        return tuple(demo_data.DigitsDataset(split == "train") for split in splits)
     if args.data == "folder":
         dirs = [os.path.join(args.data_path, split) for split in splits]
         missing = [d for d in dirs if not os.path.isdir(d)]
@@ -508,32 +490,6 @@ def peak_memory_mb(device):
 # Benchmark (paper Table 6)
 
 # Dense bf16 peak of common accelerators, TFLOP/s, for MFU.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
-
-
-def forward_flops(model, res):
-    """Analytic forward FLOPs per image (1 MAC = 2 FLOPs) of the matmuls, convs and token mixing.
-
-    Adventurer per token and block: in_proj, depthwise conv, out_proj, SwiGLU, and the SSD scan
-    with the kernels' chunk Q = 256 (C.B^T, masked product with x, chunk states, state output). DeiT: qkv, proj,
-    MLP, and 4 L^2 D for QK^T and AV. Norms and element-wise ops are left out."""
-    cfg = model.cfg
-    d, p = cfg.embed_dim, cfg.patch
-    tokens = (res // p * cfg.extend) ** 2 + 1
-    hidden = int(d * cfg.mlp_ratio)
-    if cfg.arch == "deit":
-        per_block = 2 * tokens * (4 * d * d + 2 * d * hidden) + 4 * tokens**2 * d
-    else:
-        inner, n, g = cfg.expand * d, cfg.d_state, cfg.ngroups
-        length = tokens + 1                                   # the mixer also sees the mean token
-        heads, q = inner // cfg.headdim, min(256, length)     # a short sequence is one partial chunk
-        width = 2 * inner + 2 * g * n + heads
-        linear = 2 * (d * width + cfg.d_conv * (inner + 2 * g * n) + inner * d)
-        ssd = 2 * q * n * g + 2 * q * inner + 4 * n * inner
-        per_block = length * (linear + ssd) + tokens * 6 * d * hidden
-    return cfg.depth * per_block + 2 * res * res * cfg.in_chans * d + 2 * d * cfg.num_classes
-
-
 def saved_activation_bytes(step, parameters):
     """Bytes of the distinct tensors autograd keeps for backward during `step()`, parameters excluded."""
     param_storages = {p.untyped_storage().data_ptr() for p in parameters}
@@ -580,9 +536,8 @@ def benchmark(args, run):
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.benchmark_steps
-    flops = 3 * forward_flops(model, args.res) * args.batch_size / seconds  # training = 3x forward
+    flops = 3 * model.estimate_flops(args.res) * args.batch_size / seconds  # training = 3x forward
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     if device.type == "cuda":
         memory, measure = torch.cuda.max_memory_allocated() - static, "peak allocated"
     elif args.compile:  # hooks on saved tensors would recompile every graph: see the eager rows
@@ -596,7 +551,7 @@ def benchmark(args, run):
                   memory_mb_per_image=None if memory is None else memory / 2**20 / args.batch_size,
                   memory_measure=measure,
                   tflops=flops / 1e12, flops_count="analytic",
-                  mfu=flops / 1e12 / peak if peak else None)
+                  mfu=model.estimate_mfu(args.batch_size / seconds, args.res, name))
     print(json.dumps(result))
     return result
 
@@ -711,23 +666,6 @@ def main(argv=None):
         print(f"done: top-1 {metrics.get('top1', float('nan')):.2f} % (best {best:.2f} %) -> {args.output}")
     engine.finish()
     return metrics
-
-
-def read_results(root):
-    """Every results.json under `root` (from train.py, eval_seg.py or eval_det.py), each with
-    its folder under "run"; the notebooks put these next to the paper's numbers."""
-    found = []
-    for dirpath, _, files in sorted(os.walk(root)):
-        if "results.json" in files:
-            with open(os.path.join(dirpath, "results.json")) as f:
-                found.append(dict(json.load(f), run=dirpath))
-    return found
-
-
-def fit_power_law(x, y):
-    """The least-squares line through (log x, log y): y ~= a * x**k. Returns (a, k)."""
-    k, log_a = np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)
-    return float(np.exp(log_a)), float(k)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What the notebooks share: the project on the import path, the paper's tables, the runs folder, fast
 mode, the plot style, patch-size axes, running a script's `main()` quietly, once per seed, and drawing
-the spread over seeds; and the classification miniature that notebooks 4-6 share.
+the spread over seeds; the classification miniature that notebooks 4-6 share; and the analysis of runs
+(`read_results`, every results.json under a folder, and `fit_power_law`).
 
     from common import FAST, PAPER, RUNS, log2_axis, log_yaxis, patch_axis, quietly, seeded, draw_spread
 """
@@ -147,3 +148,20 @@ def digits(patch, res=8, extend=1):
     name = f"digits_adv_w{DIGIT_WIDTH}d{DIGIT_DEPTH}_r{res}_p{patch}_x{extend}_e{DIGIT_EPOCHS}"
     return seeded(train.main, DIGITS + ["--res", str(res), "--patch", str(patch), "--extend", str(extend)],
                   os.path.join(RUNS, "notebooks", name))
+
+
+def read_results(root):
+    """Every results.json under `root` (from train.py, eval_seg.py or eval_det.py), each with
+    its folder under "run"; the notebooks put these next to the paper's numbers."""
+    found = []
+    for dirpath, _, files in sorted(os.walk(root)):
+        if "results.json" in files:
+            with open(os.path.join(dirpath, "results.json")) as f:
+                found.append(dict(json.load(f), run=dirpath))
+    return found
+
+
+def fit_power_law(x, y):
+    """The least-squares line through (log x, log y): y ~= a * x**k. Returns (a, k)."""
+    k, log_a = np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)
+    return float(np.exp(log_a)), float(k)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
+import demo_data
 import engine
 import eval_det as det
 import pixelvit as pv
@@ -135,7 +136,7 @@ def test_training_step_and_inference_at_several_patches():
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
-    root = det.write_digit_coco(str(tmp_path_factory.mktemp("coco")), n_train=6, n_val=10)
+    root = demo_data.write_digit_coco(str(tmp_path_factory.mktemp("coco")), n_train=6, n_val=10)
     ann = os.path.join(root, "annotations", "instances_val2017.json")
     return root, det.CocoInstances(os.path.join(root, "val2017"), ann)
 
@@ -217,7 +218,7 @@ CLI = ["--model", "adv_t", "--embed-dim", "32", "--depth", "2", "--d-state", "16
 
 
 def test_training_evaluation_and_results_file_round_trip(tmp_path):
-    data = det.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=5)   # images with and without objects
+    data = demo_data.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=5)   # images with and without objects
     out, preds = str(tmp_path / "run"), str(tmp_path / "preds.json")
     run_script("eval_det.py", CLI + ["--data-path", data, "--output", out, "--max-iters", "4", "--save-predictions",
                                      preds, "--visualize", "2"], tmp_path)
@@ -227,7 +228,7 @@ def test_training_evaluation_and_results_file_round_trip(tmp_path):
     assert len(os.listdir(os.path.join(out, "visualize"))) == 2
     written = json.load(open(preds))
     assert written and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(written[0])
-    assert {r["category_id"] for r in written} <= set(det.DEMO_CATEGORIES)
+    assert {r["category_id"] for r in written} <= set(demo_data.DEMO_CATEGORIES)
     # scoring the written file without a model reproduces the run's numbers
     run_script("eval_det.py", ["--eval-results", preds, "--data-path", data, "--output", str(tmp_path / "rescored")],
                tmp_path)
@@ -241,7 +242,7 @@ def test_training_evaluation_and_results_file_round_trip(tmp_path):
 
 
 def test_resume_after_a_kill_is_bit_exact(tmp_path):
-    data = det.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=2)
+    data = demo_data.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=2)
     common = CLI + ["--data-path", data, "--max-iters", "8", "--save-every", "2"]
     run_script("eval_det.py", common + ["--output", str(tmp_path / "straight")], tmp_path)
     killed = str(tmp_path / "killed")
@@ -255,7 +256,7 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path):
 
 
 def test_two_process_run_gathers_every_rank_detections(tmp_path):
-    data = det.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=5)   # 5 images: 3 + 2 over 2 ranks
+    data = demo_data.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=5)   # 5 images: 3 + 2 over 2 ranks
     out = str(tmp_path / "ddp")
     run_script("eval_det.py", CLI + ["--data-path", data, "--output", out, "--max-iters", "3",
                                      "--save-predictions", str(tmp_path / "ddp.json")], tmp_path, nproc=2)
@@ -496,7 +497,7 @@ def test_demo_defaults_never_override_typed_flags():
 
 
 def test_resume_keeps_one_log_line_per_evaluation(tmp_path):
-    data = det.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=1)
+    data = demo_data.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=1)
     out = str(tmp_path / "run")
     run_script("eval_det.py", CLI + ["--data-path", data, "--max-iters", "1", "--output", out], tmp_path)
     with open(os.path.join(out, "log.jsonl"), "a") as f:   # an evaluation logged after the checkpoint

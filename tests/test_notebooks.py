@@ -4,6 +4,7 @@ import os
 import sys
 
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 
@@ -116,3 +117,13 @@ def test_draw_spread_bars_run_from_the_lowest_seed_to_the_highest():
 
 def test_every_topic_of_the_issue_has_a_notebook():
     assert len(NOTEBOOKS) == 8
+
+
+def test_power_law_fit_recovers_a_hand_made_law():
+    common = import_common()
+    x = np.array([1, 2, 4, 8, 16])
+    assert common.fit_power_law(x, 3.0 * x ** -0.5) == pytest.approx((3.0, -0.5))
+    # the paper's Adventurer-B/224 error (100 - top-1) falls with the patch size: a positive exponent
+    acc = common.PAPER["table1"]["rows"][4]["acc"]
+    _, k = common.fit_power_law([int(p) for p in acc], [100 - a for a in acc.values()])
+    assert 0 < k < 0.2

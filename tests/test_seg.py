@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import demo_data
 import engine
 import eval_seg as seg
 import pixelvit as pv
@@ -147,7 +148,7 @@ def rescore(pred_dir, data):
 
 
 def test_two_process_run_and_saved_predictions(tmp_path):
-    data = seg.write_digit_scenes(str(tmp_path / "ade"), n_train=8, n_val=5, size=32)
+    data = demo_data.write_digit_scenes(str(tmp_path / "ade"), n_train=8, n_val=5, size=32)
     out, preds = str(tmp_path / "run"), str(tmp_path / "preds")
     run(TINY + ["--data-path", data, "--num-classes", "5", "--iters", "4", "--eval-every", "4", "--output", out,
                 "--head", "upernet"], tmp_path, nproc=2)
@@ -165,7 +166,7 @@ def test_two_process_run_and_saved_predictions(tmp_path):
 
 
 def test_resume_after_a_kill_is_bit_exact(tmp_path):
-    data = seg.write_digit_scenes(str(tmp_path / "ade"), n_train=8, n_val=2, size=32)
+    data = demo_data.write_digit_scenes(str(tmp_path / "ade"), n_train=8, n_val=2, size=32)
     common = TINY + ["--data-path", data, "--num-classes", "5", "--iters", "12", "--save-every", "3",
                      "--eval-every", "100", "--drop-path", "0.1"]
     run(common + ["--output", str(tmp_path / "straight")], tmp_path)
@@ -180,11 +181,11 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path):
 
 
 def test_bad_folders_and_annotations(tmp_path):
-    data = seg.write_digit_scenes(str(tmp_path / "ade"), n_train=2, n_val=2, size=32)
+    data = demo_data.write_digit_scenes(str(tmp_path / "ade"), n_train=2, n_val=2, size=32)
     os.remove(os.path.join(data, "annotations", "validation", "ADE_val_00000001.png"))
     proc = run(TINY + ["--data-path", data, "--num-classes", "5"], tmp_path, check=False)
     assert proc.returncode != 0 and "images without annotations ['ADE_val_00000001']" in proc.stderr
-    bad = seg.write_digit_scenes(str(tmp_path / "ade2"), n_train=2, n_val=2, size=32)
+    bad = demo_data.write_digit_scenes(str(tmp_path / "ade2"), n_train=2, n_val=2, size=32)
     Image.fromarray(np.full((32, 32), 200, np.uint8)).save(os.path.join(bad, "annotations", "validation",
                                                                         "ADE_val_00000000.png"))
     with pytest.raises(ValueError, match="ADE_val_00000000.png: expected one channel of values 0..5"):

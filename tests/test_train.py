@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_notebooks import import_common
 
+import demo_data
 import engine
 import pixelvit as pv
 import train
@@ -89,15 +91,6 @@ def test_lr_schedule_by_hand():
     assert train.lr_at(1000, args, 100) == pytest.approx(1e-5)
 
 
-def test_power_law_fit_recovers_a_hand_made_law():
-    x = np.array([1, 2, 4, 8, 16])
-    assert train.fit_power_law(x, 3.0 * x ** -0.5) == pytest.approx((3.0, -0.5))
-    # the paper's Adventurer-B/224 error (100 - top-1) falls with the patch size: a positive exponent
-    acc = PAPER["table1"]["rows"][4]["acc"]
-    _, k = train.fit_power_law([int(p) for p in acc], [100 - a for a in acc.values()])
-    assert 0 < k < 0.2
-
-
 def test_param_groups_follow_the_official_rule():
     model = pv.create_model("adv_t", depth=4, embed_dim=32, d_state=16)
     groups = engine.param_groups(model, weight_decay=0.05, layer_decay=0.5)
@@ -122,7 +115,7 @@ def test_param_groups_follow_the_official_rule():
 def test_analytic_flops_match_the_hand_derivation(name, patch, expected):
     with torch.device("meta"):
         model = pv.create_model(name, patch=patch)
-    assert train.forward_flops(model, 224) == pytest.approx(expected, rel=0.01)
+    assert model.estimate_flops(224) == pytest.approx(expected, rel=0.01)
 
 
 def test_analytic_flops_match_torch_flop_counter_for_deit():
@@ -132,7 +125,7 @@ def test_analytic_flops_match_torch_flop_counter_for_deit():
     # the counter sees attention only as the math backend's two matmuls, not as CPU's fused kernel
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(torch.randn(1, 3, 32, 32))
-    assert train.forward_flops(model, 32) == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    assert model.estimate_flops(32) == pytest.approx(counter.get_total_flops(), rel=1e-6)
 
 
 def test_benchmark_prints_one_json_line(capsys):
@@ -227,8 +220,9 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path):
     before = open(os.path.join(killed, "results.json")).read()
     run(common + ["--output", killed], tmp_path)
     assert open(os.path.join(killed, "results.json")).read() == before
-    assert [entry["run"] for entry in train.read_results(tmp_path)] == [str(tmp_path / "killed"),
-                                                                        str(tmp_path / "straight")]
+    read_results = import_common().read_results    # what the notebooks collect
+    assert [entry["run"] for entry in read_results(tmp_path)] == [str(tmp_path / "killed"),
+                                                                  str(tmp_path / "straight")]
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
@@ -267,9 +261,9 @@ def test_bad_data_path_and_checkpoint(tmp_path):
 
 def test_three_augment_and_seeded_samples():
     from torchvision import transforms
-    ds = train.Images(train.DigitsDataset(True), train.ThreeAugment(16, 0.5, 0.5, 0.3), seed=1)
+    ds = train.Images(demo_data.DigitsDataset(True), train.ThreeAugment(16, 0.5, 0.5, 0.3), seed=1)
     a, b, c = ds[(0, 5)], ds[(0, 5)], ds[(1, 5)]  # same draw: same augmentation; another draw: another
     assert a[2] == 0  # no unreadable image passed over
     assert a[0].shape == (3, 16, 16) and torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
     assert isinstance(ds.transform.one_of[0], transforms.Grayscale)
-    assert len(train.DigitsDataset(True)) == 1437 and len(train.DigitsDataset(False)) == 360
+    assert len(demo_data.DigitsDataset(True)) == 1437 and len(demo_data.DigitsDataset(False)) == 360

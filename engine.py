@@ -141,6 +141,8 @@ def add_run_args(p, output_help):
     g.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
     g.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 on GPU, off on CPU")
     g.add_argument("--grad-ckpt", action="store_true", help="recompute blocks in backward (less memory)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each backbone block (regional compilation: one block's compile time)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
     g.add_argument("--seed", type=int, default=0, help="every random draw derives from it")
     g.add_argument("--log-every", type=int, default=20, help="check the loss and update the progress bar every N")
@@ -224,7 +226,7 @@ def dense_backbone(args, input_size):
     except (KeyError, ValueError) as e:
         raise SystemExit(f"cannot build the {args.model} backbone: {e}") from None
     model.set_grad_checkpointing(args.grad_ckpt)
-    return model
+    return model.compile_blocks() if args.compile else model
 
 
 def param_groups(model, weight_decay, layer_decay):

@@ -597,7 +597,8 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     g.add_argument("--warmup-iters", type=int, default=500, help="linear warm-up from 0.001 x lr")
     g.add_argument("--eval-every", type=int, default=4, help="evaluate every N epochs and at the end")
-    g.add_argument("--save-every", type=int, default=2000, help="checkpoint every N iterations and at the end")
+    g.add_argument("--save-every", type=int, default=2000,
+                   help="checkpoint every N optimiser steps (iterations), and at the end")
     g = engine.add_run_args(p, "run folder (default: runs/det_<model>_p<patch>)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --resume's weights, no training")
     g.add_argument("--eval-results", help="evaluate an existing COCO results file; no model is run")

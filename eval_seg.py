@@ -403,7 +403,8 @@ def parse_args(argv=None):
     g.add_argument("--warmup-iters", type=int, default=1500, help="linear warm-up from 1e-6 x lr")
     g.add_argument("--aux-weight", type=float, default=0.4, help="UperNet's auxiliary FCN loss weight")
     g.add_argument("--eval-every", type=int, default=16_000, help="evaluate every N iterations and at the end")
-    g.add_argument("--save-every", type=int, default=2_000, help="checkpoint every N iterations and at the end")
+    g.add_argument("--save-every", type=int, default=2_000,
+                   help="checkpoint every N optimiser steps (iterations), and at the end")
     g = engine.add_run_args(p, "run folder (default: runs/seg_<model>_p<patch>_<head>)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --resume's weights, no training")
     g.add_argument("--save-predictions", help="write one PNG label map per validation image here")

@@ -2,7 +2,7 @@
 
     python train.py                                   # a small demo on a bundled dataset, CPU, minutes
     torchrun --nproc_per_node 8 train.py --model adv_b --patch 1 --res 224 --data-path /imagenet
-    python train.py --eval --resume adventurer_base_patch1_224.pth --model adv_b --patch 1 --data-path /imagenet
+    python train.py --eval-only --resume adventurer_base_patch1_224.pth --model adv_b --patch 1 --data-path /imagenet
     python train.py --benchmark --model adv_b --patch 4 --res 224 --batch-size 64
 
 `--stage pretrain|intermediate|finetune` picks the paper's Adventurer recipes (Tables 8, 10, 9) and
@@ -143,10 +143,11 @@ def parse_args(argv=None):
     g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimiser step")
     g = engine.add_run_args(p, "run folder (default: runs/<model>_p<patch>_<res>_<recipe>)")
     g.add_argument("--finetune", help="initialise from these weights (resampled across res/patch)")
-    g.add_argument("--eval", action="store_true", help="only evaluate --resume/--finetune weights")
-    g.add_argument("--compile", action="store_true", help="torch.compile each block (regional compilation)")
+    g.add_argument("--eval-only", "--eval", action="store_true",
+                   help="evaluate --resume's weights (else --finetune's, else the run folder's), no training")
     g.add_argument("--fsdp", action="store_true", help="shard parameters (FSDP2) for Large/Huge")
-    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="checkpoint every N optimiser steps, besides the end of every epoch (0: epoch ends only)")
     g.add_argument("--benchmark", action="store_true", help="time training steps on synthetic input")
     g.add_argument("--benchmark-steps", type=int, default=10, help="timed steps after 3 warm-up steps")
     args = p.parse_args(argv)
@@ -321,14 +322,14 @@ def collate_skipping(batch):
 
 
 def build_loaders(args, run):
-    """(train, val) loaders; no train loader for --eval."""
+    """(train, val) loaders; no train loader for --eval-only."""
     loader_kw = dict(num_workers=args.workers, collate_fn=collate_skipping, pin_memory=torch.cuda.is_available())
-    *base_train, base_val = load_base_datasets(args, ("val",) if args.eval else ("train", "val"))
+    *base_train, base_val = load_base_datasets(args, ("val",) if args.eval_only else ("train", "val"))
     args.num_classes = len(base_val.classes)
     val_set = Images(base_val, eval_transform(args))
     val = DataLoader(val_set, batch_size=run.micro_batch, sampler=engine.Shard(len(val_set), run.rank, run.world),
                      **loader_kw)
-    if args.eval:
+    if args.eval_only:
         return None, val
     train_set = Images(base_train[0], train_transform(args), args.seed, run.rank)
     if args.repeated_aug:  # each image 3x per epoch, differently augmented (DeiT's RASampler)
@@ -570,17 +571,17 @@ def main(argv=None):
     engine.seed_everything(args.seed, "init")
     train_loader, val_loader = build_loaders(args, run)
     run.steps_per_epoch = len(train_loader) // args.accum_steps if train_loader else 0
-    if run.steps_per_epoch == 0 and not args.eval:
+    if run.steps_per_epoch == 0 and not args.eval_only:
         raise SystemExit(f"{len(train_loader.dataset)} training images give no full batch of "
                          f"{run.micro_batch} per rank")
 
-    # --eval: the weights named (--resume, else --finetune), else the run folder's checkpoint.
+    # --eval-only: the weights named (--resume, else --finetune), else the run folder's checkpoint.
     # Training: --finetune initialises; a checkpoint (--resume or the run folder's) continues.
     found = engine.resume_path(args)
-    init = (found if args.resume else args.finetune or found) if args.eval else args.finetune
-    resume = None if args.eval else found
-    if args.eval and not init:
-        raise SystemExit("--eval needs weights: --resume CHECKPOINT, --finetune WEIGHTS, or a run in --output")
+    init = (found if args.resume else args.finetune or found) if args.eval_only else args.finetune
+    resume = None if args.eval_only else found
+    if args.eval_only and not init:
+        raise SystemExit("--eval-only needs weights: --resume CHECKPOINT, --finetune WEIGHTS, or a run in --output")
 
     model = build_model(args)
     if init:
@@ -618,7 +619,7 @@ def main(argv=None):
               f"{n_params / 1e6:.2f} M params | {args.recipe} recipe, {run.world} x {args.accum_steps} x "
               f"{run.micro_batch} = {args.batch_size} images/step, peak lr {args.peak_lr:.2e}")
 
-    if args.eval:  # eval.json, so that a training run's results.json in the same folder survives
+    if args.eval_only:  # eval.json, so that a training run's results.json in the same folder survives
         metrics = evaluate(model, val_loader, args, run)
         if run.is_main:
             print(json.dumps(metrics))

@@ -111,3 +111,19 @@ def test_a_command_naming_a_model_without_data_stops_with_what_to_add(script, ar
 def test_the_demo_and_data_free_runs_still_parse(module, argv, expected):
     args = __import__(module).parse_args(argv)
     assert {k: getattr(args, k) for k in expected} == expected
+
+
+SHARED_FLAGS = dict(output=("--output", "o"), resume=("--resume", "r.pth"), finetune=("--finetune", "f.pth"),
+                    no_resume=("--no-resume",), eval_only=("--eval-only",), save_every=("--save-every", "5"),
+                    amp=("--amp", "bf16"), grad_ckpt=("--grad-ckpt",), compile=("--compile",),
+                    seed=("--seed", "3"), workers=("--workers", "1"), log_every=("--log-every", "7"),
+                    batch_size=("--batch-size", "4"))
+
+
+@pytest.mark.parametrize("module", ["train", "eval_seg", "eval_det"])
+def test_the_shared_flags_exist_in_every_script_with_one_meaning(module):
+    argv = [token for flag in SHARED_FLAGS.values() for token in flag]
+    args = __import__(module).parse_args(argv)
+    parsed = {dest: getattr(args, dest) for dest in SHARED_FLAGS}
+    assert parsed == dict(output="o", resume="r.pth", finetune="f.pth", no_resume=True, eval_only=True, save_every=5,
+                          amp="bf16", grad_ckpt=True, compile=True, seed=3, workers=1, log_every=7, batch_size=4)

@@ -143,8 +143,6 @@ def to_coco_results(out, image_id, category_ids, image_size):
     return results
 
 
-
-
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
@@ -243,7 +241,6 @@ class PyramidBackbone(nn.Module):
 
     def forward(self, images):
         return self.fpn(self.body.forward_dense(images))
-
 
 
 # ----------------------------------------------------------------------------------------------

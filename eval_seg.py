@@ -373,8 +373,6 @@ def save_overlay(image, label, pred, path):
     Image.fromarray(np.concatenate(panels, 1).astype(np.uint8)).save(path)
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 
 

@@ -490,7 +490,6 @@ def peak_memory_mb(device):
 # ----------------------------------------------------------------------------------------------
 # Benchmark (paper Table 6)
 
-# Dense bf16 peak of common accelerators, TFLOP/s, for MFU.
 def saved_activation_bytes(step, parameters):
     """Bytes of the distinct tensors autograd keeps for backward during `step()`, parameters excluded."""
     param_storages = {p.untyped_storage().data_ptr() for p in parameters}

@@ -39,6 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402
 import pixelvit as pv  # noqa: E402
 import train  # noqa: E402
 
@@ -354,16 +355,12 @@ def run_table6_config(amp, model, path, patches, deadline):
             ended = "skipped: time budget" if ended.startswith("skipped") else ended
 
 
-def write_json_atomically(path, data):
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(f"{path}.tmp", path)
-
-
 def bench_table6(args):
     """Table 6 rows, configuration by configuration, written to --json row by row."""
     rows, deadline = [], args.deadline or time.time() + args.time_budget
-    versions, report = package_versions(), pv.backends()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    header = dict(device=device, versions=package_versions(), backends=pv.backends())
+    report = header["backends"]
     patches = sorted(PAPER_TABLE6, reverse=True)
     notes = [] if report["flash_attn"] else [f"flash-attn not installed ({report['why'].get('flash_attn')}): "
                                              "DeiT-B rows use SDPA only"]
@@ -374,8 +371,7 @@ def bench_table6(args):
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:   # row by row, so that a run cut short keeps what it measured
-                write_json_atomically(args.json, {"device": torch.cuda.get_device_name(), "versions": versions,
-                                                  "backends": report, "notes": notes, "table6": rows})
+                engine.write_json(args.json, {**header, "notes": notes, "table6": rows})
     return rows
 
 

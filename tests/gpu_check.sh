@@ -92,7 +92,7 @@ stop_early() {   # a machine this check cannot use: say why, write the summary, 
 # box or what is left of the budget if less, its status recorded; with under 5 s left it is
 # recorded as skipped, not run.
 step() {
-    local name=$1 box=$2 began left status note
+    local name=$1 box=$2 began left status outcome note
     began=$(elapsed)
     shift 2
     left=$(remaining)
@@ -106,19 +106,13 @@ step() {
     STEP_BOX=$box timeout --kill-after=5 "$box" bash -c '"$@"' "$name" "$@"
     status=$?
     case $status in
-        0) note="" ;;
-        124|137) note="timed out after $box s" ;;
-        *) note="exit status $status" ;;
+        0) outcome=ok note="" ;;
+        124|137) outcome="timed out" note="timed out after $box s" ;;
+        *) outcome=failed note="exit status $status" ;;
     esac
     if [ -s "$WORK/note" ]; then note="${note:+$note; }$(tail -1 "$WORK/note")"; fi
     rm -f "$WORK/note"
-    if [ "$status" = 0 ]; then
-        record "$name" ok $(($(elapsed) - began)) "$box" "$note"
-    elif [ "$status" = 124 ] || [ "$status" = 137 ]; then
-        record "$name" "timed out" $(($(elapsed) - began)) "$box" "$note"
-    else
-        record "$name" failed $(($(elapsed) - began)) "$box" "$note"
-    fi
+    record "$name" "$outcome" $(($(elapsed) - began)) "$box" "$note"
 }
 
 note() { echo "$*"; echo "$*" >> "$WORK/note"; }   # a step's one-line reason, also in the summary

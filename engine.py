@@ -1,8 +1,9 @@
 """The run plumbing that train.py, eval_seg.py and eval_det.py share, as MAE's engine files serve its
 scripts: processes and precision (`Run`), seeds that make every random draw a function of where the
-run is, the resumable sampler, optimiser groups, checkpoints, logs and results, and `train_iterations`,
-the build -> resume -> loop -> evaluate -> finish skeleton of the iteration-based dense tasks.
-Each script keeps only what is particular to its task and calls these.
+run is, the resumable samplers, optimiser groups with layer decay, checkpoints, logs and results, and
+the training-step benchmark. These are leaf helpers: each takes what it uses as arguments, and none
+reads a script's settings. Each script resolves its flags once into a frozen settings object and runs
+its own loop, in plain view, over these.
 
 Every random draw is a function of (seed, position), never of the run's history: a run killed at any
 moment and resumed from its last checkpoint ends with the weights of one that never stopped.
@@ -14,14 +15,14 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
-from tqdm import tqdm
 
 import pixelvit as pv
 
@@ -61,20 +62,28 @@ class Run:
                     micro_batch=self.micro_batch, start=self.start, steps_per_epoch=self.steps_per_epoch)
 
 
-def setup(args):
-    """Join the torchrun process group (or run as a world of one) and resolve the precision."""
+def setup(amp=None):
+    """Join the torchrun process group (or run as a world of one) and resolve the precision
+    (`amp`: "bf16", "fp16", "off", or None for bf16 on GPU and off on CPU)."""
     if "RANK" not in os.environ:
         rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available():
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
             torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            device = torch.device("cpu")
-            dist.init_process_group("gloo")
-    return Run(rank=rank, world=world, device=device, amp=args.amp or ("bf16" if device.type == "cuda" else "off"))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(), rank=rank,
+                                world_size=world, device_id=device if device.type == "cuda" else None)
+    return Run(rank=rank, world=world, device=device, amp=amp or ("bf16" if device.type == "cuda" else "off"))
+
+
+def attempt_store():
+    """torchrun's key-value store, its keys kept apart per restart attempt. After `--max-restarts`
+    restarts the workers, the agent's store still holds the previous attempt's keys, among them the
+    dead processes' gloo addresses, which the new processes would try to connect to."""
+    from torch.distributed.rendezvous import rendezvous
+    store, _, _ = next(rendezvous("env://"))
+    return dist.PrefixStore(f"pixelvit/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def finish():
@@ -131,102 +140,126 @@ def data_parallel(model, run):
 
 
 # ----------------------------------------------------------------------------------------------
-# Flags that every script shares, and the demos
+# Flags that every script shares (one flag, one meaning), and the demos
 
 
 def add_run_args(p, output_help):
+    """The run's flags, the same in the three scripts. Flags whose default a script's recipe sets
+    (--save-every, --batch-size) are added by the script itself, with that default in their help."""
     g = p.add_argument_group("run")
     g.add_argument("--output", help=output_help)
     g.add_argument("--resume", help="checkpoint to continue from (default: OUTPUT/checkpoint.pth if present)")
     g.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
+    g.add_argument("--finetune", help="initialise the backbone from these weights (resampled across res/patch)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate --resume's weights (else the run folder's checkpoint) into OUTPUT/eval.json; "
+                        "no training")
+    g.add_argument("--accum-steps", type=int, default=1,
+                   help="micro-batches per optimiser step; --batch-size stays the global batch")
     g.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 on GPU, off on CPU")
     g.add_argument("--grad-ckpt", action="store_true", help="recompute blocks in backward (less memory)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each backbone block (regional compilation: one block's compile time)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
     g.add_argument("--seed", type=int, default=0, help="every random draw derives from it")
-    g.add_argument("--log-every", type=int, default=20, help="check the loss and update the progress bar every N")
+    g.add_argument("--log-every", type=int, default=20,
+                   help="check the loss and update the progress bar every N optimiser steps")
     return g
 
 
 def add_dense_task_args(p):
-    """The backbone and optimiser flags of the dense tasks (eval_seg.py, eval_det.py)."""
+    """The backbone flags of the dense tasks (eval_seg.py, eval_det.py); None: the recipe's value."""
     g = p.add_argument_group("backbone")
-    g.add_argument("--model", default="adv_t", help=f"one of {pv.list_models()}")
-    g.add_argument("--patch", type=int, default=16, help="patch size; the paper keeps pretraining's")
+    g.add_argument("--model", help=f"one of {pv.list_models()} (default: adv_t)")
+    g.add_argument("--patch", type=int, help="patch size; the paper keeps pretraining's (default: 16, demo: 4)")
     for name in ("embed-dim", "depth", "d-state", "num-heads"):
         g.add_argument(f"--{name}", type=int, help="override the backbone's size (small custom models)")
-    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block")
-    g.add_argument("--finetune", help="backbone weights (an ImageNet checkpoint; resampled across res/patch)")
+    g.add_argument("--drop-path", type=float, help="stochastic depth of the last block (default: 0.1)")
     g.add_argument("--layer-decay", type=float, default=1.0,
                    help="lr x decay^(depth + 1 - layer) for the backbone (1.0: none, as the paper states its recipe)")
 
 
-MODEL_FLAGS = ("--model", "--embed-dim", "--depth", "--num-heads", "--d-state")
+MODEL_FLAGS = ("model", "embed_dim", "depth", "num_heads", "d_state")
 
 
-def refuse_model_run_without_data(parser, argv, script, data_help):
+def refuse_model_run_without_data(flags, script, data_help):
     """A command that names a model (--model or a size flag) is a real run: without data it stops
-    here, instead of silently training that model on the CPU demo's data."""
-    argv = sys.argv[1:] if argv is None else argv
-    typed = [flag for flag in MODEL_FLAGS if any(a == flag or a.startswith(flag + "=") for a in argv)]
+    here (exit status 2, as argparse's errors), instead of silently training that model on the
+    CPU demo's data. `flags`: the parsed flags as a dict, None where not typed."""
+    typed = ["--" + name.replace("_", "-") for name in MODEL_FLAGS if flags.get(name) is not None]
     if typed:
-        parser.error(f"{', '.join(typed)} names a model run, which needs --data-path ({data_help}); "
-                     f"`python {script}` with no arguments runs the CPU demo")
+        flag_error(script, f"{', '.join(typed)} names a model run, which needs --data-path ({data_help}); "
+                           f"`python {script}` with no arguments runs the CPU demo")
 
 
-def parse_with_demo(parser, argv, demo, use_demo):
-    """Parse the flags; when use_demo(args) holds (no data given), the demo's values replace the
-    defaults. A flag the user typed always wins, whatever its value."""
-    args = parser.parse_args(argv)
-    if use_demo(args):
-        parser.set_defaults(**demo)
-        args = parser.parse_args(argv)
-    return args
+def flag_error(script, message):
+    """Stop on flags that do not go together, as argparse's own errors do."""
+    print(f"{script}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
-def prepare_demo_data(run, args, write):
-    """Point --data-path at OUTPUT/demo_data, written once by rank 0 while the other ranks wait."""
-    args.data_path = os.path.join(args.output, "demo_data")
-    if run.is_main and not os.path.isdir(args.data_path):
-        write(args.data_path)
+def merge_recipe(flags, *recipes):
+    """Each setting from the flags where typed (not None), else from the first recipe that has it;
+    a setting that no flag sets comes from the first recipe that has it."""
+    merged = dict(flags)
+    for key in merged:
+        if merged[key] is None:
+            merged[key] = next((recipe[key] for recipe in recipes if recipe.get(key) is not None), None)
+    for recipe in recipes:  # settings that have no flag of their own
+        merged.update({k: v for k, v in recipe.items() if k not in merged})
+    return merged
+
+
+def settings_of(cls, values):
+    """The frozen settings `cls` from a dict holding (at least) every one of its fields."""
+    missing = [f.name for f in fields(cls) if f.name not in values]
+    if missing:
+        raise TypeError(f"{cls.__name__}: no value resolved for {missing}")
+    return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
+def write_demo_data(run, path, write):
+    """Write a demo's data set to `path` once (rank 0, while the other ranks wait)."""
+    if run.is_main and not os.path.isdir(path):
+        write(path)
     if dist.is_initialized():
         dist.barrier()
 
 
-def jsonable(args):
-    """The run's arguments as plain JSON values (checkpoints load with weights_only=True)."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+def jsonable(settings):
+    """A run's frozen settings as plain JSON values (checkpoints load with weights_only=True)."""
+    return asdict(settings)
 
 
 # ----------------------------------------------------------------------------------------------
 # Backbones and optimiser groups
 
 
-def dense_backbone(args, input_size):
-    """A backbone without classifier for a dense task, from --finetune when given.
+def dense_backbone(model, patch, input_size, drop_path, finetune=None, grad_ckpt=False, compile=False, **overrides):
+    """A backbone without classifier for a dense task, from the `finetune` weights when given.
 
     Its pos_embed keeps the pretrained grid (the checkpoint's, or `input_size` // patch without one)
     and is resampled once to each input's token grid in the forward pass, as ViTDet does: no
-    resolution has to be a multiple of the patch, and nothing is resampled twice."""
-    overrides = {k: getattr(args, k) for k in ("embed_dim", "depth", "d_state", "num_heads") if getattr(args, k)}
-    grid = max(input_size // args.patch, 1)
-    if args.finetune:
+    resolution has to be a multiple of the patch, and nothing is resampled twice. `overrides`: the
+    size flags that were given (embed_dim, depth, d_state, num_heads)."""
+    overrides = {k: v for k, v in overrides.items() if v}
+    grid = max(input_size // patch, 1)
+    if finetune:
         try:
-            state = pv.read_state_dict(args.finetune)
+            state = pv.read_state_dict(finetune)
         except ValueError as e:
-            raise SystemExit(f"--finetune {args.finetune}: {e}") from None
+            raise SystemExit(f"--finetune {finetune}: {e}") from None
         if "pos_embed" in state:
             grid = max(int((state["pos_embed"].shape[1] - 1) ** 0.5), 1)
     try:
-        model = pv.create_model(args.model, patch=args.patch, res=grid * args.patch, num_classes=0,
-                                drop_path=args.drop_path, **overrides)
-        if args.finetune:
-            pv.load_checkpoint(model, state, strict=False)
+        backbone = pv.create_model(model, patch=patch, res=grid * patch, num_classes=0, drop_path=drop_path,
+                                   **overrides)
+        if finetune:
+            pv.load_checkpoint(backbone, state, strict=False)
     except (KeyError, ValueError) as e:
-        raise SystemExit(f"cannot build the {args.model} backbone: {e}") from None
-    model.set_grad_checkpointing(args.grad_ckpt)
-    return model.compile_blocks() if args.compile else model
+        raise SystemExit(f"cannot build the {model} backbone: {e}") from None
+    backbone.set_grad_checkpointing(grad_ckpt)
+    return backbone.compile_blocks() if compile else backbone
 
 
 def param_groups(model, weight_decay, layer_decay):
@@ -271,6 +304,12 @@ def backward(loss, scaler):
     (scaler.scale(loss) if scaler else loss).backward()
 
 
+def gradient_sync(model, sync):
+    """DDP averages gradients over ranks in backward; between the micro-batches of one optimiser
+    step it need not (sync=False), only after the last (sync=True)."""
+    return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
+
+
 def optimizer_step(model, optimizer, scaler=None, clip_grad=None):
     """Unscale (fp16), clip, step and clear the gradients."""
     if scaler:
@@ -311,15 +350,16 @@ def state_dicts(model, optimizer):
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_training_state(path, run, args, model, optimizer, scaler=None, ema=None, **progress):
-    """Everything an exact resume needs: weights, optimiser, loss scaler, EMA, and where the run is.
-    Every rank takes part (FSDP gathers), rank 0 writes."""
+def save_training_state(path, run, settings, model, optimizer, scaler=None, ema=None, **progress):
+    """Everything an exact resume needs: weights, optimiser, loss scaler, EMA, and where the run is
+    (`progress`), with the run's settings for the record. Every rank takes part (FSDP gathers), rank 0
+    writes. Returns the full model state."""
     model_state, optimizer_state = state_dicts(model, optimizer)
     if run.is_main:
         save_checkpoint(path, dict(model=model_state, optimizer=optimizer_state,
                                    scaler=scaler.state_dict() if scaler else None,
                                    ema=ema.module.state_dict() if ema else None,
-                                   args=jsonable(args), **progress))
+                                   args=jsonable(settings), **progress))
     return model_state
 
 
@@ -342,10 +382,10 @@ def load_training_state(path, model, optimizer, scaler=None, ema=None):
     return ckpt
 
 
-def resume_path(args):
+def resume_path(output, resume=None, no_resume=False):
     """--resume, else the run folder's checkpoint unless --no-resume."""
-    latest = os.path.join(args.output, "checkpoint.pth")
-    return args.resume or (latest if os.path.exists(latest) and not args.no_resume else None)
+    latest = os.path.join(output, "checkpoint.pth")
+    return resume or (latest if os.path.exists(latest) and not no_resume else None)
 
 
 def keep_log_lines(path, before, key):
@@ -365,45 +405,43 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def report(run, args, metrics, **where):
+def report(run, output, settings, metrics, **where):
     """One line of OUTPUT/log.jsonl (the scalar metrics) and OUTPUT/results.json (all of them, with
-    the flags and the run), on rank 0; returns the results."""
+    the settings and the run), on rank 0; returns the results."""
     results = dict(**where, **metrics)
     if run.is_main:
-        with open(os.path.join(args.output, "log.jsonl"), "a") as f:
+        with open(os.path.join(output, "log.jsonl"), "a") as f:
             f.write(json.dumps({k: v for k, v in results.items() if not isinstance(v, (list, dict))}) + "\n")
-        write_json(os.path.join(args.output, "results.json"),
-                   dict(results, args=jsonable(args), run_state=run.as_dict()))
+        write_json(os.path.join(output, "results.json"),
+                   dict(results, args=jsonable(settings), run_state=run.as_dict()))
     return results
 
 
-def finished_results(run, args):
-    """The results of a run that already finished (a re-run of a completed command returns them)."""
-    path = os.path.join(args.output, "results.json")
+def write_eval(run, output, settings, metrics):
+    """--eval-only's results: OUTPUT/eval.json, so that a training run's results.json and log.jsonl in
+    the same folder stay as they are."""
     if run.is_main:
-        print(f"{args.output} already finished; its results.json stands")
+        write_json(os.path.join(output, "eval.json"), dict(metrics, args=jsonable(settings), run_state=run.as_dict()))
+    return metrics
+
+
+def finished_results(run, output):
+    """The results of a run that already finished (a re-run of a completed command returns them)."""
+    path = os.path.join(output, "results.json")
+    if run.is_main:
+        print(f"{output} already finished; its results.json stands")
     if not os.path.exists(path):
         return {}
     with open(path) as f:
         return {k: v for k, v in json.load(f).items() if k not in ("args", "run_state")}
 
 
-def evaluate_checkpoint(run, args, model, evaluate):
-    """--eval-only: the weights of --resume (or of the run folder's checkpoint) through
-    evaluate(model, 0), written to OUTPUT/eval.json, so that a training run's results.json and
-    log.jsonl in the same folder stay as they are."""
-    weights = resume_path(args)
-    if not weights:
-        raise SystemExit("--eval-only needs weights: --resume CHECKPOINT, or a run in --output")
+def load_model_weights(model, path):
+    """The 'model' entry of a checkpoint into `model`, with an error that names the file."""
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)["model"]
-        model.load_state_dict(state)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
     except (RuntimeError, EOFError, OSError, KeyError) as e:
-        raise SystemExit(f"--resume {weights}: not a checkpoint of this model ({e})") from None
-    metrics = dict(evaluate(data_parallel(model, run), 0), weights=weights)
-    if run.is_main:
-        write_json(os.path.join(args.output, "eval.json"), dict(metrics, args=jsonable(args), run_state=run.as_dict()))
-    return metrics
+        raise SystemExit(f"--resume {path}: not a checkpoint of this model ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,54 +481,77 @@ class Shard(Sampler):
         return len(self.indices)
 
 
+def draw_loader(dataset, micro_batch, run, seed, start, workers, collate_fn=None):
+    """The endless training loader of an iteration-based task: `Draws` from micro-step `start` on."""
+    return DataLoader(dataset, batch_size=micro_batch, num_workers=workers, collate_fn=collate_fn,
+                      pin_memory=run.device.type == "cuda",
+                      sampler=Draws(len(dataset), micro_batch, run.rank, run.world, seed, start))
+
+
 # ----------------------------------------------------------------------------------------------
-# The dense tasks' training skeleton
+# The training-step benchmark (paper Table 6), shared by train.py --benchmark and tests/benchmark.py
 
 
-def train_iterations(run, args, model, groups, train_set, loss_of, lr_at, total, evaluate, eval_due,
-                     collate_fn=None, betas=(0.9, 0.999)):
-    """Build the optimiser, resume, loop over iterations [start, total) and evaluate.
+def saved_activation_bytes(step, parameters):
+    """Bytes of the distinct tensors autograd keeps for backward during `step()`, parameters excluded."""
+    param_storages = {p.untyped_storage().data_ptr() for p in parameters}
+    storages = {}
 
-    loss_of(model, batch) -> the task's loss; lr_at(it) -> the lr at iteration it; evaluate(model,
-    done) -> metrics, run when eval_due(done) and at the end, before that iteration's checkpoint (so a
-    resumed run keeps exactly the log lines up to its checkpoint). Returns the last metrics; a run
-    that had already finished returns its results.json."""
-    os.makedirs(args.output, exist_ok=True)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=betas)
-    scaler = run.grad_scaler()
-    latest = os.path.join(args.output, "checkpoint.pth")
-    resume = resume_path(args)
-    if resume:
-        run.start = load_training_state(resume, model, optimizer, scaler)["iter"]
-        if run.is_main:
-            print(f"resumed from {resume} at iteration {run.start}")
-    if run.is_main:  # evaluations after the checkpoint run again; a fresh start drops an old log
-        keep_log_lines(os.path.join(args.output, "log.jsonl"), run.start + 1 if resume else 0, key="iter")
-    if run.start >= total:
-        return finished_results(run, args)
-    wrapped = data_parallel(model, run)
-    run.micro_batch = micro_batch(args.batch_size, run)
-    loader = DataLoader(train_set, batch_size=run.micro_batch, num_workers=args.workers, collate_fn=collate_fn,
-                        pin_memory=run.device.type == "cuda",
-                        sampler=Draws(len(train_set), run.micro_batch, run.rank, run.world, args.seed, run.start))
-    batches, metrics = iter(loader), {}
-    bar = tqdm(range(run.start, total), initial=run.start, total=total, disable=not run.is_main, desc="train")
-    for it in bar:
-        wrapped.train()
-        batch = next(batches)
-        seed_everything(args.seed, "step", it, run.rank)  # drop path and RoI sampling
-        set_lr(optimizer, lr_at(it))
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_storages:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values())
+
+
+def benchmark_training(model, batch_size, steps, run, compile=False):
+    """Warmed-up training steps of a classifier on synthetic input at its own resolution: speed,
+    memory per image, analytic TFLOP/s and MFU, as a dict. Memory on a GPU is the allocator's peak
+    minus what was allocated before the step; on CPU it is what autograd saves for backward."""
+    device, res = run.device, model.cfg.res
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch_size, 3, res, res, device=device)
+    labels = torch.randint(0, model.cfg.num_classes, (batch_size,), device=device)
+    if compile:
+        model.compile_blocks()
+
+    def step():
         with run.autocast():
-            loss = loss_of(wrapped, batch)
-        backward(loss, scaler)
-        optimizer_step(wrapped, optimizer, scaler)
-        done = it + 1
-        if it % args.log_every == 0 or done == total:
-            check_finite(loss.detach(), f"iteration {it}", args.output)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(it):.2e}")
-        if eval_due(done) or done == total:
-            train_loss = all_reduce([loss.item()], run.device)[0] / run.world
-            metrics = report(run, args, evaluate(wrapped, done), iter=done, train_loss=train_loss)
-        if done % args.save_every == 0 or done == total:
-            save_training_state(latest, run, args, wrapped, optimizer, scaler, iter=done)
-    return metrics
+            loss = nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up: Triton autotuning, cuDNN algorithm search, compile
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        static = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        memory, measure = torch.cuda.max_memory_allocated() - static, "peak allocated"
+    elif compile:  # hooks on saved tensors would recompile every graph: see the eager rows
+        memory, measure = None, "not measured (compiled, CPU)"
+    else:  # no allocator statistics on CPU: count what autograd keeps for the backward pass
+        memory, measure = saved_activation_bytes(step, model.parameters()), "saved for backward"
+    flops = 3 * model.estimate_flops(res) * batch_size / seconds  # training = 3x forward
+    return dict(patch=model.cfg.patch, res=res, tokens=(res // model.cfg.patch * model.cfg.extend) ** 2,
+                batch=batch_size, dtype=str(run.amp_dtype or torch.float32).replace("torch.", ""),
+                grad_ckpt=model.grad_checkpointing, device=name,
+                backends=sorted(set(pv.backends(model)["mixers"].values())),
+                images_per_s=batch_size / seconds, step_ms=1e3 * seconds,
+                memory_mb_per_image=None if memory is None else memory / 2**20 / batch_size,
+                memory_measure=measure, tflops=flops / 1e12, flops_count="analytic",
+                mfu=model.estimate_mfu(batch_size / seconds, res, name))

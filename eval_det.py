@@ -28,6 +28,7 @@ import json
 import math
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -444,11 +445,13 @@ def build_detector(backbone_model, num_classes, channels=256, min_size=800, max_
     return GeneralizedRCNN(backbone, rpn, heads, transform)
 
 
-def build(args, num_classes, device):
-    """The detector that the flags describe, its backbone from --finetune."""
-    body = engine.dense_backbone(args, args.min_size)
-    return build_detector(body, num_classes, args.channels, args.min_size, args.max_size, args.rois_per_image,
-                          head_dims=args.head_dims, fc_dim=args.fc_dim).to(device)
+def build(cfg, num_classes, device):
+    """The detector that the settings describe, its backbone from --finetune."""
+    body = engine.dense_backbone(cfg.model, cfg.patch, cfg.min_size, cfg.drop_path, cfg.finetune, cfg.grad_ckpt,
+                                 cfg.compile, embed_dim=cfg.embed_dim, depth=cfg.depth, d_state=cfg.d_state,
+                                 num_heads=cfg.num_heads)
+    return build_detector(body, num_classes, cfg.channels, cfg.min_size, cfg.max_size, cfg.rois_per_image,
+                          head_dims=cfg.head_dims, fc_dim=cfg.fc_dim).to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,14 +486,14 @@ def detection_loss(model, batch, device):
     return sum(model([image.to(device) for image in images], to_device(targets, device)).values())
 
 
-def lr_factor(it, args, iters_per_epoch):
+def lr_factor(it, cfg, iters_per_epoch):
     """mmdet's 1x schedule: linear warm-up from 0.001, then x0.1 at each of --lr-steps (in epochs)."""
-    warm = min(1.0, 0.001 + (1 - 0.001) * it / max(args.warmup_iters, 1))
-    return warm * 0.1 ** sum(it >= step * iters_per_epoch for step in args.lr_steps)
+    warm = min(1.0, 0.001 + (1 - 0.001) * it / max(cfg.warmup_iters, 1))
+    return warm * 0.1 ** sum(it >= step * iters_per_epoch for step in cfg.lr_steps)
 
 
 @torch.no_grad()
-def detect_and_encode(model, dataset, args, run):
+def detect_and_encode(model, dataset, cfg, run):
     """This rank's share of the validation images through the detector, each image's detections
     encoded as COCO results (masks as RLE) as soon as they are made: what is held grows with the
     number of detections, not with the images' size."""
@@ -502,22 +505,22 @@ def detect_and_encode(model, dataset, args, run):
             (out,) = detector([image.to(run.device)])
         out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
         results += to_coco_results(out, target["image_id"], dataset.category_ids, image.shape[-2:])
-        if i < args.visualize:
-            draw_detections(image, out, dataset, os.path.join(args.output, "visualize", f"{target['image_id']}.png"))
+        if i < cfg.visualize:
+            draw_detections(image, out, dataset, os.path.join(cfg.output, "visualize", f"{target['image_id']}.png"))
     return results
 
 
-def evaluate(model, dataset, args, run):
+def evaluate(model, dataset, cfg, run):
     """COCO box and mask AP on the validation set, every rank's detections gathered to rank 0."""
-    results = detect_and_encode(model, dataset, args, run)
+    results = detect_and_encode(model, dataset, cfg, run)
     if dist.is_initialized():
         gathered = [None] * run.world
         dist.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
     if not run.is_main:
         return {}
-    if args.save_predictions:
-        with open(args.save_predictions, "w") as f:
+    if cfg.save_predictions:
+        with open(cfg.save_predictions, "w") as f:
             json.dump(results, f)
     scores = coco_evaluate(dataset.coco, results, kinds=("bbox", "segm"))
     print_scores(scores)
@@ -525,7 +528,7 @@ def evaluate(model, dataset, args, run):
 
 
 @torch.no_grad()
-def validation_loss(model, dataset, args, run):
+def validation_loss(model, dataset, cfg, run):
     """The training objective on the validation set (the paper's Figure 1 "test loss"): losses in
     training mode, with the backbone in eval mode (no drop path), seeded RoI sampling, no gradients."""
     detector = engine.unwrap(model).train()
@@ -533,7 +536,7 @@ def validation_loss(model, dataset, args, run):
     total, indices = 0.0, range(run.rank, len(dataset), run.world)
     for i in indices:
         image, target = dataset[i]
-        engine.seed_everything(args.seed, "val", i)
+        engine.seed_everything(cfg.seed, "val", i)
         with run.autocast():
             total += float(sum(detector([image.to(run.device)], to_device([target], run.device)).values()))
     total, count = engine.all_reduce([total, len(indices)], run.device)
@@ -566,12 +569,16 @@ def print_scores(scores):
                                      for name in STAT_NAMES))
 
 
+# The paper's recipe (Sec. 4.3: mmdet's Cascade Mask R-CNN 1x) and the CPU demo's; each typed flag wins.
+PAPER = dict(model="adv_t", patch=16, drop_path=0.1, min_size=800, max_size=1333, channels=256, head_dims=256,
+             fc_dim=1024, rois_per_image=512, epochs=12, lr_steps=[8, 11], batch_size=16, lr=1e-4, warmup_iters=500,
+             save_every=2000)
 DEMO = dict(min_size=64, max_size=64, channels=32, head_dims=32, fc_dim=128, rois_per_image=64, epochs=8,
             lr_steps=[6, 7], batch_size=4, lr=3e-4, warmup_iters=50, embed_dim=64, depth=4, d_state=16, patch=4,
             drop_path=0.0)
 
 
-def parse_args(argv=None):
+def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     engine.add_dense_task_args(p)
     g = p.add_argument_group("detection")
@@ -579,84 +586,196 @@ def parse_args(argv=None):
                                        "(default: a demo set written to --output)")
     g.add_argument("--ann-file", help="validation annotations (default: DATA/annotations/instances_val2017.json)")
     g.add_argument("--img-dir", help="validation images (default: DATA/val2017)")
-    g.add_argument("--min-size", type=int, default=800, help="short side (the paper: 800)")
-    g.add_argument("--max-size", type=int, default=1333, help="long side cap (the paper: 1333)")
-    g.add_argument("--channels", type=int, default=256, help="pyramid and RPN width")
-    g.add_argument("--head-dims", type=int, default=256, help="box and mask head convolution width")
-    g.add_argument("--fc-dim", type=int, default=1024, help="box head fully connected width")
-    g.add_argument("--rois-per-image", type=int, default=512, help="RoIs sampled per image and stage")
+    g.add_argument("--min-size", type=int, help="short side (default: the paper's 800)")
+    g.add_argument("--max-size", type=int, help="long side cap (default: the paper's 1333)")
+    g.add_argument("--channels", type=int, help="pyramid and RPN width (default 256)")
+    g.add_argument("--head-dims", type=int, help="box and mask head convolution width (default 256)")
+    g.add_argument("--fc-dim", type=int, help="box head fully connected width (default 1024)")
+    g.add_argument("--rois-per-image", type=int, help="RoIs sampled per image and stage (default 512)")
     g = p.add_argument_group("schedule (the paper's recipe by default)")
-    g.add_argument("--epochs", type=int, default=12, help="training epochs")
-    g.add_argument("--lr-steps", type=int, nargs="*", default=[8, 11], help="epochs where the lr drops 10x")
+    g.add_argument("--epochs", type=int, help="training epochs (default 12)")
+    g.add_argument("--lr-steps", type=int, nargs="*", help="epochs where the lr drops 10x (default 8 11)")
     g.add_argument("--max-iters", type=int, help="stop after this many iterations (short runs)")
-    g.add_argument("--batch-size", type=int, default=16, help="global batch")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--batch-size", type=int, help="global batch (default 16)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    g.add_argument("--warmup-iters", type=int, default=500, help="linear warm-up from 0.001 x lr")
+    g.add_argument("--warmup-iters", type=int, help="linear warm-up from 0.001 x lr (default 500)")
     g.add_argument("--eval-every", type=int, default=4, help="evaluate every N epochs and at the end")
-    g.add_argument("--save-every", type=int, default=2000,
-                   help="checkpoint every N optimiser steps (iterations), and at the end")
-    g = engine.add_run_args(p, "run folder (default: runs/det_<model>_p<patch>)")
-    g.add_argument("--eval-only", action="store_true", help="evaluate --resume's weights, no training")
+    g.add_argument("--save-every", type=int,
+                   help="checkpoint every N optimiser steps (iterations), and at the end (default 2,000)")
+    engine.add_run_args(p, "run folder (default: runs/det_<model>_p<patch>)")
+    g = p.add_argument_group("evaluation")
     g.add_argument("--eval-results", help="evaluate an existing COCO results file; no model is run")
     g.add_argument("--save-predictions", help="write the COCO results file (test-dev format) here")
     g.add_argument("--visualize", type=int, default=0, help="draw boxes and masks on N validation images")
-    args = engine.parse_with_demo(p, argv, DEMO, lambda a: a.data_path is None and not a.eval_results)
-    if args.data_path is None and not args.eval_results:
-        engine.refuse_model_run_without_data(p, argv, "eval_det.py", "the COCO folder")
-    args.output = args.output or os.path.join("runs", f"det_{args.model}_p{args.patch}")
-    return args
+    return p
 
 
-def score_results_file(args):
+@dataclass(frozen=True)
+class DetConfig:
+    """Every setting of a run, resolved once from the flags, the paper's recipe and the demo (`resolve`)."""
+    # backbone
+    model: str
+    patch: int
+    embed_dim: int | None
+    depth: int | None
+    d_state: int | None
+    num_heads: int | None
+    drop_path: float
+    layer_decay: float
+    # detection
+    data_path: str | None           # None only with --eval-results and --ann-file
+    demo: bool                      # data_path is the demo's, written on first use
+    ann_file: str | None            # validation annotations and images
+    img_dir: str | None
+    min_size: int
+    max_size: int
+    channels: int
+    head_dims: int
+    fc_dim: int
+    rois_per_image: int
+    # schedule
+    epochs: int
+    lr_steps: tuple
+    max_iters: int | None
+    batch_size: int                 # global: world x accum_steps x micro-batch
+    lr: float
+    weight_decay: float
+    warmup_iters: int
+    eval_every: int                 # epochs
+    save_every: int                 # optimiser steps
+    # run
+    output: str
+    resume: str | None
+    no_resume: bool
+    finetune: str | None
+    eval_only: bool
+    accum_steps: int
+    amp: str | None
+    grad_ckpt: bool
+    compile: bool
+    workers: int
+    seed: int
+    log_every: int
+    eval_results: str | None
+    save_predictions: str | None
+    visualize: int
+
+
+def resolve(args):
+    """The frozen settings of a command line: the typed flags, then (with no --data-path and no
+    --eval-results) the demo's values, then the paper's recipe."""
+    flags = vars(args)
+    demo = flags["data_path"] is None and not flags["eval_results"]
+    if demo:
+        engine.refuse_model_run_without_data(flags, "eval_det.py", "the COCO folder")
+    s = engine.merge_recipe(flags, DEMO if demo else {}, PAPER)
+    s["output"] = s["output"] or os.path.join("runs", f"det_{s['model']}_p{s['patch']}")
+    data_path = os.path.join(s["output"], "demo_data") if demo else s["data_path"]
+    if data_path:
+        s["ann_file"] = s["ann_file"] or os.path.join(data_path, "annotations", "instances_val2017.json")
+        s["img_dir"] = s["img_dir"] or os.path.join(data_path, "val2017")
+    elif not s["ann_file"]:
+        engine.flag_error("eval_det.py", "--eval-results needs the annotations: --ann-file FILE or --data-path COCO")
+    s.update(demo=demo, data_path=data_path, lr_steps=tuple(s["lr_steps"]))
+    return engine.settings_of(DetConfig, s)
+
+
+def parse_args(argv=None):
+    """The frozen settings of a command line (sys.argv when None)."""
+    return resolve(get_args_parser().parse_args(argv))
+
+
+def score_results_file(cfg):
     """--eval-results: pycocotools on a results file (boxes, masks or both), no model."""
-    if not (args.ann_file or args.data_path):
-        raise SystemExit("--eval-results needs the annotations: --ann-file FILE or --data-path COCO")
     from pycocotools.coco import COCO
-    ann = args.ann_file or os.path.join(args.data_path, "annotations", "instances_val2017.json")
     try:
-        scores = coco_evaluate(COCO(ann), load_results(args.eval_results))
+        scores = coco_evaluate(COCO(cfg.ann_file), load_results(cfg.eval_results))
     except ValueError as e:
         raise SystemExit(str(e)) from None
     print_scores(scores)
-    return engine.report(engine.Run(), args, flatten(scores), results_file=args.eval_results)
+    return engine.report(engine.Run(), cfg.output, cfg, flatten(scores), results_file=cfg.eval_results)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    os.makedirs(args.output, exist_ok=True)
-    if args.eval_results:
-        return score_results_file(args)
-    run = engine.setup(args)
-    if args.data_path is None:
-        engine.prepare_demo_data(run, args, demo_data.write_digit_coco)
-    val_set = CocoInstances(args.img_dir or os.path.join(args.data_path, "val2017"),
-                            args.ann_file or os.path.join(args.data_path, "annotations", "instances_val2017.json"))
-    engine.seed_everything(args.seed, "init")
-    model = build(args, len(val_set.category_ids), run.device)
+def main(cfg):
+    os.makedirs(cfg.output, exist_ok=True)
+    if cfg.eval_results:
+        return score_results_file(cfg)
+    run = engine.setup(cfg.amp)
+    if cfg.demo:
+        engine.write_demo_data(run, cfg.data_path, demo_data.write_digit_coco)
+    val_set = CocoInstances(cfg.img_dir, cfg.ann_file)
 
-    def validate(model, done):
-        return dict(evaluate(model, val_set, args, run), val_loss=validation_loss(model, val_set, args, run))
+    # build
+    engine.seed_everything(cfg.seed, "init")
+    model = build(cfg, len(val_set.category_ids), run.device)
+    resume = engine.resume_path(cfg.output, cfg.resume, cfg.no_resume)
+    if cfg.eval_only:
+        if not resume:
+            raise SystemExit("--eval-only needs weights: --resume CHECKPOINT, or a run in --output")
+        engine.load_model_weights(model, resume)
+        wrapped = engine.data_parallel(model, run)
+        metrics = dict(evaluate(wrapped, val_set, cfg, run), val_loss=validation_loss(wrapped, val_set, cfg, run))
+        metrics = engine.write_eval(run, cfg.output, cfg, dict(metrics, weights=resume))
+        engine.finish()
+        return metrics
+    optimizer = torch.optim.AdamW(engine.backbone_and_head_groups(model, model.backbone.body, cfg.weight_decay,
+                                                                  cfg.layer_decay), lr=cfg.lr)
+    scaler = run.grad_scaler()
+    train_set = CocoInstances(os.path.join(cfg.data_path, "train2017"),
+                              os.path.join(cfg.data_path, "annotations", "instances_train2017.json"), train=True)
+    if run.is_main and (train_set.crowd or train_set.degenerate):
+        print(f"training set: {train_set.crowd} crowd regions ignored, {train_set.degenerate} boxes without "
+              f"area dropped")
+    iters_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total = min(cfg.epochs * iters_per_epoch, cfg.max_iters or float("inf"))
 
-    if args.eval_only:
-        metrics = engine.evaluate_checkpoint(run, args, model, validate)
-    else:
-        train_set = CocoInstances(os.path.join(args.data_path, "train2017"),
-                                  os.path.join(args.data_path, "annotations", "instances_train2017.json"), train=True)
-        if run.is_main and (train_set.crowd or train_set.degenerate):
-            print(f"training set: {train_set.crowd} crowd regions ignored, {train_set.degenerate} boxes without "
-                  f"area dropped")
-        iters_per_epoch = math.ceil(len(train_set) / args.batch_size)
-        total = min(args.epochs * iters_per_epoch, args.max_iters or float("inf"))
-        metrics = engine.train_iterations(
-            run, args, model,
-            engine.backbone_and_head_groups(model, model.backbone.body, args.weight_decay, args.layer_decay),
-            TrainImages(train_set, args.seed), lambda m, batch: detection_loss(m, batch, run.device),
-            lambda it: args.lr * lr_factor(it, args, iters_per_epoch), total, validate,
-            lambda done: done % (args.eval_every * iters_per_epoch) == 0, collate_fn=collate)
+    # resume: evaluations logged after the checkpoint run again; a fresh start drops an old log
+    start = engine.load_training_state(resume, model, optimizer, scaler)["iter"] if resume else 0
+    if run.is_main:
+        if resume:
+            print(f"resumed from {resume} at iteration {start}")
+        engine.keep_log_lines(os.path.join(cfg.output, "log.jsonl"), start + 1 if resume else 0, key="iter")
+    if start >= total:
+        engine.finish()
+        return engine.finished_results(run, cfg.output)
+    run.start = start
+    run.micro_batch = engine.micro_batch(cfg.batch_size, run, cfg.accum_steps)
+    batches = iter(engine.draw_loader(TrainImages(train_set, cfg.seed), run.micro_batch, run, cfg.seed,
+                                      start * cfg.accum_steps, cfg.workers, collate_fn=collate))
+    wrapped = engine.data_parallel(model, run)
+
+    # the loop: one optimiser step per iteration; evaluate, report and save when due
+    metrics = {}
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not run.is_main, desc="train")
+    for it in bar:
+        wrapped.train()
+        lr = cfg.lr * lr_factor(it, cfg, iters_per_epoch)
+        engine.set_lr(optimizer, lr)
+        loss = torch.zeros((), device=run.device)
+        for micro in range(cfg.accum_steps):
+            # drop path and RoI sampling: a function of the slice of the global batch, not of how it is split
+            engine.seed_everything(cfg.seed, "step", it, micro * run.world + run.rank)
+            with engine.gradient_sync(wrapped, micro == cfg.accum_steps - 1):
+                with run.autocast():
+                    micro_loss = detection_loss(wrapped, next(batches), run.device) / cfg.accum_steps
+                engine.backward(micro_loss, scaler)
+            loss += micro_loss.detach()
+        engine.optimizer_step(wrapped, optimizer, scaler)
+        done = it + 1
+        if it % cfg.log_every == 0 or done == total:
+            engine.check_finite(loss, f"iteration {it}", cfg.output)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+        if done % (cfg.eval_every * iters_per_epoch) == 0 or done == total:   # before the checkpoint
+            train_loss = engine.all_reduce([loss.item()], run.device)[0] / run.world
+            metrics = dict(evaluate(wrapped, val_set, cfg, run), val_loss=validation_loss(wrapped, val_set, cfg, run))
+            metrics = engine.report(run, cfg.output, cfg, metrics, iter=done, train_loss=train_loss)
+        if done % cfg.save_every == 0 or done == total:
+            engine.save_training_state(os.path.join(cfg.output, "checkpoint.pth"), run, cfg, wrapped, optimizer,
+                                       scaler, iter=done)
     engine.finish()
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

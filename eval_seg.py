@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -324,7 +325,7 @@ def predict_slide(model, image, patch, crop=512, stride=341):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, args, run, save_dir=None, visualize=0):
+def evaluate(model, dataset, cfg, run, save_dir=None, visualize=0):
     """mIoU / mAcc / aAcc and the validation loss over the whole set (each rank a strided share)."""
     model.eval()
     segmenter, device = engine.unwrap(model), run.device
@@ -336,12 +337,12 @@ def evaluate(model, dataset, args, run, save_dir=None, visualize=0):
     indices = range(run.rank, len(dataset), run.world)
     for i in tqdm(indices, desc="eval", leave=False, disable=not run.is_main):
         image, label, stem = dataset.read(i)
-        resized = TF.resize(image, list(rescale_size(*label.shape, long_side=4 * args.crop, short_side=args.crop)),
+        resized = TF.resize(image, list(rescale_size(*label.shape, long_side=4 * cfg.crop, short_side=cfg.crop)),
                             interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
         x = normalize(resized)[None].to(device)
         with run.autocast():
-            logits = (predict_slide(segmenter, x, args.patch, args.crop, args.stride) if args.mode == "slide"
-                      else predict_whole(segmenter, x, args.patch)).float()
+            logits = (predict_slide(segmenter, x, cfg.patch, cfg.crop, cfg.stride) if cfg.mode == "slide"
+                      else predict_whole(segmenter, x, cfg.patch)).float()
         logits = F.interpolate(logits, label.shape, mode="bilinear", align_corners=False)
         label = label.to(device)
         pred = logits.argmax(1)[0]
@@ -351,7 +352,7 @@ def evaluate(model, dataset, args, run, save_dir=None, visualize=0):
         if save_dir:  # the ADE20k benchmark's format: uint8 PNG of class + 1
             Image.fromarray((pred + 1).byte().cpu().numpy()).save(os.path.join(save_dir, stem + ".png"))
         if i < visualize:
-            save_overlay(image, label.cpu(), pred.cpu(), os.path.join(args.output, "visualize", stem + ".png"))
+            save_overlay(image, label.cpu(), pred.cpu(), os.path.join(cfg.output, "visualize", stem + ".png"))
     metric.reduce()
     loss, pixels = engine.all_reduce(loss_sum.tolist(), device)
     return dict(**metric.compute(), val_loss=loss / max(pixels, 1), val_images=len(dataset))
@@ -376,11 +377,14 @@ def save_overlay(image, label, pred, path):
 # ----------------------------------------------------------------------------------------------
 
 
+# The paper's recipe (Sec. 4.2: mmseg's ViT-UperNet schedule) and the CPU demo's; each typed flag wins.
+PAPER = dict(model="adv_t", patch=16, drop_path=0.1, num_classes=ADE_CLASSES, crop=512, stride=341, iters=160_000,
+             batch_size=16, lr=5e-5, warmup_iters=1500, eval_every=16_000, save_every=2_000)
 DEMO = dict(crop=64, stride=43, iters=400, batch_size=8, lr=1e-3, warmup_iters=40, eval_every=400, embed_dim=64,
             depth=4, d_state=16, num_classes=5, patch=4, drop_path=0.0)
 
 
-def parse_args(argv=None):
+def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     engine.add_dense_task_args(p)
     g = p.add_argument_group("segmentation")
@@ -389,43 +393,106 @@ def parse_args(argv=None):
     g.add_argument("--upernet-channels", type=int, help=f"UperNet width (default: {UPERNET_CHANNELS} by "
                                                         f"backbone width, else 256)")
     g.add_argument("--data-path", help="ADEChallengeData2016 folder (default: a demo folder written to --output)")
-    g.add_argument("--num-classes", type=int, default=ADE_CLASSES, help="classes in the annotations (ADE20k: 150)")
-    g.add_argument("--crop", type=int, default=512, help="training crop and test short side (mmseg: 512)")
+    g.add_argument("--num-classes", type=int, help="classes in the annotations (default: ADE20k's 150)")
+    g.add_argument("--crop", type=int, help="training crop and test short side (default: mmseg's 512)")
     g.add_argument("--mode", choices=["slide", "whole"], default="slide", help="test-time inference")
-    g.add_argument("--stride", type=int, default=341, help="sliding-window stride (BEiT/Vim: 341)")
+    g.add_argument("--stride", type=int, help="sliding-window stride (default: BEiT's and Vim's 341)")
     g = p.add_argument_group("schedule (the paper's recipe by default)")
-    g.add_argument("--iters", type=int, default=160_000, help="training iterations")
-    g.add_argument("--batch-size", type=int, default=16, help="global batch")
-    g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
+    g.add_argument("--iters", type=int, help="training iterations (optimiser steps; default 160,000)")
+    g.add_argument("--batch-size", type=int, help="global batch (default 16)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--warmup-iters", type=int, default=1500, help="linear warm-up from 1e-6 x lr")
+    g.add_argument("--warmup-iters", type=int, help="linear warm-up from 1e-6 x lr (default 1,500)")
     g.add_argument("--aux-weight", type=float, default=0.4, help="UperNet's auxiliary FCN loss weight")
-    g.add_argument("--eval-every", type=int, default=16_000, help="evaluate every N iterations and at the end")
-    g.add_argument("--save-every", type=int, default=2_000,
-                   help="checkpoint every N optimiser steps (iterations), and at the end")
-    g = engine.add_run_args(p, "run folder (default: runs/seg_<model>_p<patch>_<head>)")
-    g.add_argument("--eval-only", action="store_true", help="evaluate --resume's weights, no training")
+    g.add_argument("--eval-every", type=int, help="evaluate every N iterations and at the end (default 16,000)")
+    g.add_argument("--save-every", type=int,
+                   help="checkpoint every N optimiser steps (iterations), and at the end (default 2,000)")
+    engine.add_run_args(p, "run folder (default: runs/seg_<model>_p<patch>_<head>)")
+    g = p.add_argument_group("evaluation")
     g.add_argument("--save-predictions", help="write one PNG label map per validation image here")
     g.add_argument("--visualize", type=int, default=0, help="write N image | truth | prediction overlays")
-    args = engine.parse_with_demo(p, argv, DEMO, lambda a: a.data_path is None)
-    if args.data_path is None:
-        engine.refuse_model_run_without_data(p, argv, "eval_seg.py", "the ADEChallengeData2016 folder")
-    if args.crop % args.patch:
-        p.error(f"--crop {args.crop} must be a multiple of --patch {args.patch}")
-    args.output = args.output or os.path.join("runs", f"seg_{args.model}_p{args.patch}_{args.head}")
-    return args
+    return p
 
 
-def lr_at(it, args):
+@dataclass(frozen=True)
+class SegConfig:
+    """Every setting of a run, resolved once from the flags, the paper's recipe and the demo (`resolve`)."""
+    # backbone
+    model: str
+    patch: int
+    embed_dim: int | None
+    depth: int | None
+    d_state: int | None
+    num_heads: int | None
+    drop_path: float
+    layer_decay: float
+    # segmentation
+    head: str
+    upernet_channels: int | None
+    data_path: str
+    demo: bool                      # data_path is the demo's, written on first use
+    num_classes: int
+    crop: int
+    mode: str
+    stride: int
+    # schedule
+    iters: int
+    batch_size: int                 # global: world x accum_steps x micro-batch
+    lr: float
+    weight_decay: float
+    warmup_iters: int
+    aux_weight: float
+    eval_every: int
+    save_every: int
+    # run
+    output: str
+    resume: str | None
+    no_resume: bool
+    finetune: str | None
+    eval_only: bool
+    accum_steps: int
+    amp: str | None
+    grad_ckpt: bool
+    compile: bool
+    workers: int
+    seed: int
+    log_every: int
+    save_predictions: str | None
+    visualize: int
+
+
+def resolve(args):
+    """The frozen settings of a command line: the typed flags, then (with no --data-path) the demo's
+    values, then the paper's recipe."""
+    flags = vars(args)
+    demo = flags["data_path"] is None
+    if demo:
+        engine.refuse_model_run_without_data(flags, "eval_seg.py", "the ADEChallengeData2016 folder")
+    s = engine.merge_recipe(flags, DEMO if demo else {}, PAPER)
+    if s["crop"] % s["patch"]:
+        engine.flag_error("eval_seg.py", f"--crop {s['crop']} must be a multiple of --patch {s['patch']}")
+    s["output"] = s["output"] or os.path.join("runs", f"seg_{s['model']}_p{s['patch']}_{s['head']}")
+    s.update(demo=demo, data_path=os.path.join(s["output"], "demo_data") if demo else s["data_path"])
+    return engine.settings_of(SegConfig, s)
+
+
+def parse_args(argv=None):
+    """The frozen settings of a command line (sys.argv when None)."""
+    return resolve(get_args_parser().parse_args(argv))
+
+
+def lr_at(it, cfg):
     """Linear warm-up from 1e-6 x lr, then polynomial (power 1) decay to 0 at --iters."""
-    if it < args.warmup_iters:
-        return args.lr * (1e-6 + (1 - 1e-6) * it / args.warmup_iters)
-    return args.lr * (1 - (it - args.warmup_iters) / max(1, args.iters - args.warmup_iters))
+    if it < cfg.warmup_iters:
+        return cfg.lr * (1e-6 + (1 - 1e-6) * it / cfg.warmup_iters)
+    return cfg.lr * (1 - (it - cfg.warmup_iters) / max(1, cfg.iters - cfg.warmup_iters))
 
 
-def build(args, run):
-    backbone = engine.dense_backbone(args, args.crop)
-    model = Segmenter(backbone, args.head, args.num_classes, args.upernet_channels).to(run.device)
+def build(cfg, run):
+    backbone = engine.dense_backbone(cfg.model, cfg.patch, cfg.crop, cfg.drop_path, cfg.finetune, cfg.grad_ckpt,
+                                     cfg.compile, embed_dim=cfg.embed_dim, depth=cfg.depth, d_state=cfg.d_state,
+                                     num_heads=cfg.num_heads)
+    model = Segmenter(backbone, cfg.head, cfg.num_classes, cfg.upernet_channels).to(run.device)
     if run.world > 1 and run.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
@@ -446,43 +513,90 @@ def print_top_classes(metrics, class_names, count=10):
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    run = engine.setup(args)
-    os.makedirs(args.output, exist_ok=True)
-    if args.data_path is None:
-        engine.prepare_demo_data(run, args, demo_data.write_digit_scenes)
-    val_set = ADESegmentation(args.data_path, "validation", args.num_classes)
-    engine.seed_everything(args.seed, "init")
-    model = build(args, run)
+def validate(model, val_set, cfg, run):
+    """evaluate, with the class names and head size that the notebooks read, and the best classes printed."""
+    metrics = evaluate(model, val_set, cfg, run, cfg.save_predictions, cfg.visualize)
+    metrics.update(class_names=val_set.class_names, head_params=engine.unwrap(model).head_parameters())
     if run.is_main:
-        print(f"{args.model} patch {args.patch} + {args.head} head: {model.head_parameters() / 1e6:.3f} M head "
+        print_top_classes(metrics, val_set.class_names)
+    return metrics
+
+
+def main(cfg):
+    run = engine.setup(cfg.amp)
+    os.makedirs(cfg.output, exist_ok=True)
+    if cfg.demo:
+        engine.write_demo_data(run, cfg.data_path, demo_data.write_digit_scenes)
+    if cfg.save_predictions:
+        os.makedirs(cfg.save_predictions, exist_ok=True)
+    val_set = ADESegmentation(cfg.data_path, "validation", cfg.num_classes)
+
+    # build
+    engine.seed_everything(cfg.seed, "init")
+    model = build(cfg, run)
+    if run.is_main:
+        print(f"{cfg.model} patch {cfg.patch} + {cfg.head} head: {model.head_parameters() / 1e6:.3f} M head "
               f"parameters, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M in all")
-    if args.save_predictions:
-        os.makedirs(args.save_predictions, exist_ok=True)
-
-    def validate(model, done):
-        metrics = evaluate(model, val_set, args, run, args.save_predictions, args.visualize)
-        metrics.update(class_names=val_set.class_names, head_params=engine.unwrap(model).head_parameters())
-        if run.is_main:
-            print_top_classes(metrics, val_set.class_names)
+    resume = engine.resume_path(cfg.output, cfg.resume, cfg.no_resume)
+    if cfg.eval_only:
+        if not resume:
+            raise SystemExit("--eval-only needs weights: --resume CHECKPOINT, or a run in --output")
+        engine.load_model_weights(model, resume)
+        metrics = engine.write_eval(run, cfg.output, cfg, dict(validate(engine.data_parallel(model, run), val_set,
+                                                                         cfg, run), weights=resume))
+        engine.finish()
         return metrics
+    optimizer = torch.optim.AdamW(engine.backbone_and_head_groups(model, model.backbone, cfg.weight_decay,
+                                                                  cfg.layer_decay), lr=cfg.lr)
+    scaler = run.grad_scaler()
 
-    if args.eval_only:
-        metrics = engine.evaluate_checkpoint(run, args, model, validate)
-    else:
-        train_set = TrainCrops(ADESegmentation(args.data_path, "training", args.num_classes), args.crop, args.crop,
-                               args.seed)
-        metrics = engine.train_iterations(
-            run, args, model,
-            engine.backbone_and_head_groups(model, model.backbone, args.weight_decay, args.layer_decay),
-            train_set, lambda m, batch: segmentation_loss(m, batch, args.aux_weight), lambda it: lr_at(it, args),
-            args.iters, validate, lambda done: done % args.eval_every == 0)
+    # resume: evaluations logged after the checkpoint run again; a fresh start drops an old log
+    start = engine.load_training_state(resume, model, optimizer, scaler)["iter"] if resume else 0
     if run.is_main:
-        print(f"done: mIoU {metrics.get('mIoU', float('nan')):.2f} -> {args.output}")
+        if resume:
+            print(f"resumed from {resume} at iteration {start}")
+        engine.keep_log_lines(os.path.join(cfg.output, "log.jsonl"), start + 1 if resume else 0, key="iter")
+    if start >= cfg.iters:
+        engine.finish()
+        return engine.finished_results(run, cfg.output)
+    run.start = start
+    run.micro_batch = engine.micro_batch(cfg.batch_size, run, cfg.accum_steps)
+    train_set = TrainCrops(ADESegmentation(cfg.data_path, "training", cfg.num_classes), cfg.crop, cfg.crop, cfg.seed)
+    batches = iter(engine.draw_loader(train_set, run.micro_batch, run, cfg.seed, start * cfg.accum_steps, cfg.workers))
+    wrapped = engine.data_parallel(model, run)
+
+    # the loop: one optimiser step per iteration; evaluate, report and save when due
+    metrics = {}
+    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not run.is_main, desc="train")
+    for it in bar:
+        wrapped.train()
+        engine.set_lr(optimizer, lr_at(it, cfg))
+        loss = torch.zeros((), device=run.device)
+        for micro in range(cfg.accum_steps):
+            # drop path: a function of the slice of the global batch, not of how it is split
+            engine.seed_everything(cfg.seed, "step", it, micro * run.world + run.rank)
+            with engine.gradient_sync(wrapped, micro == cfg.accum_steps - 1):
+                with run.autocast():
+                    micro_loss = segmentation_loss(wrapped, next(batches), cfg.aux_weight) / cfg.accum_steps
+                engine.backward(micro_loss, scaler)
+            loss += micro_loss.detach()
+        engine.optimizer_step(wrapped, optimizer, scaler)
+        done = it + 1
+        if it % cfg.log_every == 0 or done == cfg.iters:
+            engine.check_finite(loss, f"iteration {it}", cfg.output)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(it, cfg):.2e}")
+        if done % cfg.eval_every == 0 or done == cfg.iters:   # before the checkpoint: see keep_log_lines
+            train_loss = engine.all_reduce([loss.item()], run.device)[0] / run.world
+            metrics = engine.report(run, cfg.output, cfg, validate(wrapped, val_set, cfg, run), iter=done,
+                                    train_loss=train_loss)
+        if done % cfg.save_every == 0 or done == cfg.iters:
+            engine.save_training_state(os.path.join(cfg.output, "checkpoint.pth"), run, cfg, wrapped, optimizer,
+                                       scaler, iter=done)
+    if run.is_main:
+        print(f"done: mIoU {metrics.get('mIoU', float('nan')):.2f} -> {cfg.output}")
     engine.finish()
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -14,7 +14,6 @@ history of the run: a run killed at any moment and resumed from its last checkpo
 weights as one that never stopped.
 """
 import argparse
-import contextlib
 import itertools
 import json
 import math
@@ -22,6 +21,7 @@ import os
 import random
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ def recipe(name, model):
     return r
 
 
-def parse_args(argv=None):
+def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=f"one of {pv.list_models()} (default: the demo's adv_t)")
     p.add_argument("--patch", type=int, help="patch size, 16 down to 1 (default 16)")
@@ -140,44 +140,110 @@ def parse_args(argv=None):
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, help="keep and evaluate an EMA of the weights")
     g.add_argument("--unscale-lr", action=argparse.BooleanOptionalAction, help="use --lr as it is")
     g.add_argument("--ema-decay", type=float, default=0.99996, help="EMA decay per step")
-    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimiser step")
     g = engine.add_run_args(p, "run folder (default: runs/<model>_p<patch>_<res>_<recipe>)")
-    g.add_argument("--finetune", help="initialise from these weights (resampled across res/patch)")
-    g.add_argument("--eval-only", "--eval", action="store_true",
-                   help="evaluate --resume's weights (else --finetune's, else the run folder's), no training")
-    g.add_argument("--fsdp", action="store_true", help="shard parameters (FSDP2) for Large/Huge")
+    g.add_argument("--eval", dest="eval_only", action="store_true", help="alias of --eval-only")
     g.add_argument("--save-every", type=int, default=0,
-                   help="checkpoint every N optimiser steps, besides the end of every epoch (0: epoch ends only)")
+                   help="checkpoint every N optimiser steps, besides the end of every epoch (default 0: epoch "
+                        "ends only)")
+    g.add_argument("--fsdp", action="store_true", help="shard parameters (FSDP2) for Large/Huge")
     g.add_argument("--benchmark", action="store_true", help="time training steps on synthetic input")
     g.add_argument("--benchmark-steps", type=int, default=10, help="timed steps after 3 warm-up steps")
-    args = p.parse_args(argv)
+    return p
 
-    if args.data is None and not args.data_path and not args.benchmark:
-        engine.refuse_model_run_without_data(p, argv, "train.py",
-                                             "an ImageNet-style folder, or --data for a bundled set")
-    if args.data is None:
-        args.data = "folder" if args.data_path else "digits"
-    demo = args.data == "digits" and not args.model
-    for key, value in DEMO_MODEL.items():
-        if demo and getattr(args, key) is None:
-            setattr(args, key, value)
-    args.model = args.model or "adv_t"
-    if args.benchmark and args.batch_size is None:
-        args.batch_size = 8  # per device: the benchmark runs on one
-    args.recipe = args.stage or args.recipe or ("demo" if args.data == "digits" else
-                                                "deit" if args.model.startswith("deit") else "pretrain")
-    for key, value in recipe(args.recipe, args.model).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.aa = None if args.aa in (None, "none") else args.aa
-    args.patch = args.patch or 16
-    if args.res % args.patch:
-        p.error(f"--res {args.res} must be a multiple of --patch {args.patch}")
-    if args.data == "folder" and not args.data_path and not args.benchmark:
-        p.error("--data folder needs --data-path")
-    args.output = args.output or os.path.join("runs", f"{args.model}_p{args.patch}_{args.res}_{args.recipe}")
-    args.peak_lr = args.lr if args.unscale_lr else args.lr * args.batch_size / 512
-    return args
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run, resolved once from the flags, the recipe and the demo (`resolve`)."""
+    # model
+    model: str
+    patch: int
+    res: int
+    extend: int
+    flip_schedule: str
+    embed_dim: int | None
+    depth: int | None
+    num_heads: int | None
+    d_state: int | None
+    # data
+    data: str                       # folder, digits, cifar10, cifar100 or fashion-mnist
+    data_path: str | None
+    data_root: str
+    download: bool
+    # recipe
+    recipe: str
+    epochs: int
+    batch_size: int                 # global: world x accum_steps x micro-batch
+    lr: float                       # the base lr of the recipe, per 512 images unless unscale_lr
+    peak_lr: float                  # the lr the schedule reaches
+    unscale_lr: bool
+    min_lr: float
+    warmup_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    opt_betas: tuple
+    layer_decay: float
+    clip_grad: float | None
+    drop_path: float
+    smoothing: float
+    mixup: float
+    cutmix: float
+    aa: str | None
+    three_augment: bool
+    repeated_aug: bool
+    reprob: float
+    scale_min: float
+    hflip: float
+    color_jitter: float
+    eval_crop_ratio: float
+    ema: bool
+    ema_decay: float
+    # run
+    output: str
+    resume: str | None
+    no_resume: bool
+    finetune: str | None
+    eval_only: bool
+    accum_steps: int
+    save_every: int
+    amp: str | None
+    grad_ckpt: bool
+    compile: bool
+    fsdp: bool
+    workers: int
+    seed: int
+    log_every: int
+    benchmark: bool
+    benchmark_steps: int
+
+
+def resolve(args):
+    """The frozen settings of a command line: the typed flags, then the recipe (--stage, --recipe, or
+    by the model), then the official defaults; with no data and no model flag, the CPU demo."""
+    flags = vars(args)
+    if flags["data"] is None and not flags["data_path"] and not flags["benchmark"]:
+        engine.refuse_model_run_without_data(flags, "train.py", "an ImageNet-style folder, or --data for a "
+                                                                "bundled set")
+    data = flags["data"] or ("folder" if flags["data_path"] else "digits")
+    demo = data == "digits" and not flags["model"]
+    model = flags["model"] or DEMO_MODEL["model"]
+    name = flags["stage"] or flags["recipe"] or ("demo" if data == "digits" else
+                                                 "deit" if model.startswith("deit") else "pretrain")
+    benchmark = dict(batch_size=8) if flags["benchmark"] else {}  # per device: the benchmark runs on one
+    s = engine.merge_recipe(flags, benchmark, DEMO_MODEL if demo else {}, recipe(name, model), dict(patch=16))
+    s.update(data=data, model=model, recipe=name, aa=None if s["aa"] in (None, "none") else s["aa"],
+             opt_betas=tuple(s["opt_betas"]))
+    if s["res"] % s["patch"]:
+        engine.flag_error("train.py", f"--res {s['res']} must be a multiple of --patch {s['patch']}")
+    if data == "folder" and not s["data_path"] and not s["benchmark"]:
+        engine.flag_error("train.py", "--data folder needs --data-path")
+    s["output"] = s["output"] or os.path.join("runs", f"{model}_p{s['patch']}_{s['res']}_{name}")
+    s["peak_lr"] = s["lr"] if s["unscale_lr"] else s["lr"] * s["batch_size"] / 512
+    return engine.settings_of(TrainConfig, s)
+
+
+def parse_args(argv=None):
+    """The frozen settings of a command line (sys.argv when None)."""
+    return resolve(get_args_parser().parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,46 +273,46 @@ class ThreeAugment:
         return self.finish(random.choice(self.one_of)(self.crop_flip(img)))
 
 
-def train_transform(args):
-    if args.three_augment:
-        return ThreeAugment(args.res, args.scale_min, args.hflip, args.color_jitter)
+def train_transform(cfg):
+    if cfg.three_augment:
+        return ThreeAugment(cfg.res, cfg.scale_min, cfg.hflip, cfg.color_jitter)
     from timm.data import create_transform
-    return create_transform(args.res, is_training=True, scale=(args.scale_min, 1.0), hflip=args.hflip,
-                            color_jitter=args.color_jitter or None, auto_augment=args.aa, interpolation="bicubic",
-                            re_prob=args.reprob, re_mode="pixel", mean=pv.IMAGENET_MEAN, std=pv.IMAGENET_STD)
+    return create_transform(cfg.res, is_training=True, scale=(cfg.scale_min, 1.0), hflip=cfg.hflip,
+                            color_jitter=cfg.color_jitter or None, auto_augment=cfg.aa, interpolation="bicubic",
+                            re_prob=cfg.reprob, re_mode="pixel", mean=pv.IMAGENET_MEAN, std=pv.IMAGENET_STD)
 
 
-def eval_transform(args):
+def eval_transform(cfg):
     return transforms.Compose([
-        transforms.Resize(int(args.res / args.eval_crop_ratio), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(args.res), transforms.ToTensor(),
+        transforms.Resize(int(cfg.res / cfg.eval_crop_ratio), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(cfg.res), transforms.ToTensor(),
         transforms.Normalize(pv.IMAGENET_MEAN, pv.IMAGENET_STD)])
 
 
-def load_base_datasets(args, splits=("train", "val")):
+def load_base_datasets(cfg, splits=("train", "val")):
     """Datasets of (PIL image or path, label) for the splits, before any transform."""
-    if args.data == "digits":
+    if cfg.data == "digits":
         return tuple(demo_data.DigitsDataset(split == "train") for split in splits)
-    if args.data == "folder":
-        dirs = [os.path.join(args.data_path, split) for split in splits]
+    if cfg.data == "folder":
+        dirs = [os.path.join(cfg.data_path, split) for split in splits]
         missing = [d for d in dirs if not os.path.isdir(d)]
         if missing:
-            raise SystemExit(f"--data-path {args.data_path}: expected ImageNet-style folders train/<class>/* "
+            raise SystemExit(f"--data-path {cfg.data_path}: expected ImageNet-style folders train/<class>/* "
                              f"and val/<class>/*, but {missing} do not exist")
         try:
             sets = tuple(datasets.ImageFolder(d, loader=str) for d in dirs)  # decoded in Images
         except (FileNotFoundError, RuntimeError) as e:
-            raise SystemExit(f"--data-path {args.data_path}: {e}") from None
+            raise SystemExit(f"--data-path {cfg.data_path}: {e}") from None
         if len(sets) == 2 and sets[0].classes != sets[1].classes:
             raise SystemExit(f"train/ and val/ have different classes: "
                              f"{len(sets[0].classes)} vs {len(sets[1].classes)}")
         return sets
     cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100,
-           "fashion-mnist": datasets.FashionMNIST}[args.data]
+           "fashion-mnist": datasets.FashionMNIST}[cfg.data]
     try:
-        return tuple(cls(args.data_root, train=split == "train", download=args.download) for split in splits)
+        return tuple(cls(cfg.data_root, train=split == "train", download=cfg.download) for split in splits)
     except RuntimeError as e:
-        raise SystemExit(f"{e} (looked in {args.data_root}; pass --download to fetch it)") from None
+        raise SystemExit(f"{e} (looked in {cfg.data_root}; pass --download to fetch it)") from None
 
 
 def open_image(item):
@@ -321,55 +387,55 @@ def collate_skipping(batch):
     return (default_collate([b[:2] for b in good]) if good else None), skipped
 
 
-def build_loaders(args, run):
-    """(train, val) loaders; no train loader for --eval-only."""
-    loader_kw = dict(num_workers=args.workers, collate_fn=collate_skipping, pin_memory=torch.cuda.is_available())
-    *base_train, base_val = load_base_datasets(args, ("val",) if args.eval_only else ("train", "val"))
-    args.num_classes = len(base_val.classes)
-    val_set = Images(base_val, eval_transform(args))
+def build_loaders(cfg, run):
+    """(train, val) loaders of run.micro_batch images and the number of classes; no train loader for
+    --eval-only."""
+    loader_kw = dict(num_workers=cfg.workers, collate_fn=collate_skipping, pin_memory=torch.cuda.is_available())
+    *base_train, base_val = load_base_datasets(cfg, ("val",) if cfg.eval_only else ("train", "val"))
+    val_set = Images(base_val, eval_transform(cfg))
     val = DataLoader(val_set, batch_size=run.micro_batch, sampler=engine.Shard(len(val_set), run.rank, run.world),
                      **loader_kw)
-    if args.eval_only:
-        return None, val
-    train_set = Images(base_train[0], train_transform(args), args.seed, run.rank)
-    if args.repeated_aug:  # each image 3x per epoch, differently augmented (DeiT's RASampler)
+    if cfg.eval_only:
+        return None, val, len(base_val.classes)
+    train_set = Images(base_train[0], train_transform(cfg), cfg.seed, run.rank)
+    if cfg.repeated_aug:  # each image 3x per epoch, differently augmented (DeiT's RASampler)
         from timm.data.distributed_sampler import RepeatAugSampler
         inner = RepeatAugSampler(train_set, num_replicas=run.world, rank=run.rank, shuffle=True,
                                  selected_round=256 if len(train_set) >= 256 * run.world else 0)
     else:
-        inner = torch.utils.data.DistributedSampler(train_set, run.world, run.rank, shuffle=True, seed=args.seed)
+        inner = torch.utils.data.DistributedSampler(train_set, run.world, run.rank, shuffle=True, seed=cfg.seed)
     train = DataLoader(train_set, batch_size=run.micro_batch, sampler=EpochOrder(inner), drop_last=True, **loader_kw)
-    return train, val
+    return train, val, len(base_val.classes)
 
 
 # ----------------------------------------------------------------------------------------------
 # Model, optimiser, schedule
 
 
-def build_model(args):
-    overrides = {k: getattr(args, k) for k in ("embed_dim", "depth", "num_heads", "d_state")
-                 if getattr(args, k) is not None}
-    if not args.model.startswith("deit"):
-        overrides["flip_schedule"] = args.flip_schedule
+def build_model(cfg, num_classes):
+    overrides = {k: getattr(cfg, k) for k in ("embed_dim", "depth", "num_heads", "d_state")
+                 if getattr(cfg, k) is not None}
+    if not cfg.model.startswith("deit"):
+        overrides["flip_schedule"] = cfg.flip_schedule
     try:
-        return pv.create_model(args.model, patch=args.patch, res=args.res, num_classes=args.num_classes,
-                               drop_path=args.drop_path, extend=args.extend, **overrides)
+        return pv.create_model(cfg.model, patch=cfg.patch, res=cfg.res, num_classes=num_classes,
+                               drop_path=cfg.drop_path, extend=cfg.extend, **overrides)
     except ValueError as e:
         raise SystemExit(f"cannot build the model: {e}") from None
 
 
-def lr_at(step, args, steps_per_epoch):
+def lr_at(step, cfg, steps_per_epoch):
     """Linear warm-up from warmup_lr, then cosine to min_lr, updated every optimiser step."""
-    warmup = args.warmup_epochs * steps_per_epoch
-    total = args.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
     if step < warmup:
-        return args.warmup_lr + (args.peak_lr - args.warmup_lr) * step / warmup
+        return cfg.warmup_lr + (cfg.peak_lr - cfg.warmup_lr) * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return args.min_lr + 0.5 * (args.peak_lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.min_lr + 0.5 * (cfg.peak_lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def distribute(model, args, run):
-    if args.fsdp:
+def distribute(model, cfg, run):
+    if cfg.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(run.device.type, (run.world,))
@@ -385,7 +451,7 @@ def distribute(model, args, run):
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, run):
+def evaluate(model, loader, cfg, run):
     """Top-1, top-5 and loss over the whole validation set. Ranks run the same number of forward
     passes (a short rank repeats a masked-out batch), which FSDP's collectives need."""
     model.eval()
@@ -398,7 +464,7 @@ def evaluate(model, loader, args, run):
         batch, n_skipped = next(batches, (None, 0))
         skipped += n_skipped
         if batch is None:  # this rank ran out: a placeholder forward keeps the ranks in step
-            images, labels = torch.zeros(1, 3, args.res, args.res), torch.zeros(1, dtype=torch.long)
+            images, labels = torch.zeros(1, 3, cfg.res, cfg.res), torch.zeros(1, dtype=torch.long)
         else:
             images, labels = batch
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -416,22 +482,21 @@ def evaluate(model, loader, args, run):
                 val_images=int(n), val_skipped=skipped)
 
 
-def loss_function(args):
-    if args.mixup > 0 or args.cutmix > 0:
+def loss_function(cfg, num_classes):
+    if cfg.mixup > 0 or cfg.cutmix > 0:
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                      num_classes=args.num_classes)
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                      num_classes=num_classes)
         return mixup, SoftTargetCrossEntropy()
-    return None, nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+    return None, nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
 
 
-def train_one_epoch(epoch, start_step, model, loader, optimizer, scaler, ema, mixup, criterion,
-                    args, run, save):
-    """One epoch from optimiser step `start_step` on; calls save(step) every --save-every steps."""
+def train_one_epoch(epoch, start_step, model, loader, optimizer, scaler, ema, mixup, criterion, cfg, run, best):
+    """One epoch from optimiser step `start_step` on, checkpointing every --save-every steps."""
     model.train()
     device, steps_per_epoch = run.device, run.steps_per_epoch
-    loader.sampler.set_epoch(epoch, start=start_step * args.accum_steps * run.micro_batch)
+    loader.sampler.set_epoch(epoch, start=start_step * cfg.accum_steps * run.micro_batch)
     loader.dataset.epoch = epoch
     batches = iter(loader)
     bar = tqdm(range(start_step, steps_per_epoch), desc=f"epoch {epoch}", disable=not run.is_main,
@@ -440,10 +505,10 @@ def train_one_epoch(epoch, start_step, model, loader, optimizer, scaler, ema, mi
     start_time = time.perf_counter()
     for step in bar:
         global_step = epoch * steps_per_epoch + step
-        lr = lr_at(global_step, args, steps_per_epoch)
+        lr = lr_at(global_step, cfg, steps_per_epoch)
         engine.set_lr(optimizer, lr)
         step_loss = torch.zeros((), device=device)
-        for micro in range(args.accum_steps):
+        for micro in range(cfg.accum_steps):
             batch, n_skipped = next(batches)
             totals["skipped"] += n_skipped
             if n_skipped and not run.warned_skip:
@@ -454,28 +519,28 @@ def train_one_epoch(epoch, start_step, model, loader, optimizer, scaler, ema, mi
             if mixup is not None and len(images) % 2:  # mixup pairs images: keep an even batch
                 images, labels = images[:-1], labels[:-1]
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            engine.seed_everything(args.seed, epoch, step, micro, run.rank)  # mixup and drop-path draws
+            engine.seed_everything(cfg.seed, epoch, step, micro, run.rank)  # mixup and drop-path draws
             if mixup is not None:
                 images, labels = mixup(images, labels)
-            sync = micro == args.accum_steps - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():  # sync grads once per step
+            with engine.gradient_sync(model, micro == cfg.accum_steps - 1):
                 with run.autocast():
-                    loss = criterion(model(images), labels) / args.accum_steps
+                    loss = criterion(model(images), labels) / cfg.accum_steps
                 engine.backward(loss, scaler)
             step_loss += loss.detach()
             totals["images"] += len(images)
-        engine.optimizer_step(model, optimizer, scaler, args.clip_grad)
+        engine.optimizer_step(model, optimizer, scaler, cfg.clip_grad)
         if ema is not None:
             ema.update(engine.unwrap(model), step=global_step)
         totals["loss"] += step_loss
         totals["steps"] += 1
         last = step == steps_per_epoch - 1
-        if step % args.log_every == 0 or last or (args.save_every and (step + 1) % args.save_every == 0):
-            engine.check_finite(step_loss, f"epoch {epoch}, step {step}", args.output)
+        save_due = cfg.save_every and (step + 1) % cfg.save_every == 0
+        if step % cfg.log_every == 0 or last or save_due:
+            engine.check_finite(step_loss, f"epoch {epoch}, step {step}", cfg.output)
             bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}",
                             img_s=f"{totals['images'] * run.world / (time.perf_counter() - start_time):.1f}")
-        if args.save_every and (step + 1) % args.save_every == 0 and not last:
-            save(epoch, step + 1)
+        if save_due and not last:
+            save(cfg, run, model, optimizer, scaler, ema, epoch=epoch, step=step + 1, best_top1=best)
     seconds = time.perf_counter() - start_time
     loss, steps, images, skipped = engine.all_reduce(
         [float(totals["loss"]), totals["steps"], totals["images"], totals["skipped"]], device)
@@ -483,75 +548,25 @@ def train_one_epoch(epoch, start_step, model, loader, optimizer, scaler, ema, mi
                 train_skipped=int(skipped))
 
 
+def save(cfg, run, model, optimizer, scaler, ema, also_best=False, **progress):
+    """OUTPUT/checkpoint.pth, where the run is (`progress`: epoch, step, best_top1), and the weights
+    alone as OUTPUT/best.pth when `also_best`."""
+    state = engine.save_training_state(os.path.join(cfg.output, "checkpoint.pth"), run, cfg, model, optimizer,
+                                       scaler, ema, **progress)
+    if also_best and run.is_main:
+        engine.save_checkpoint(os.path.join(cfg.output, "best.pth"), {"model": state, "args": engine.jsonable(cfg)})
+
+
 def peak_memory_mb(device):
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-# ----------------------------------------------------------------------------------------------
-# Benchmark (paper Table 6)
-
-def saved_activation_bytes(step, parameters):
-    """Bytes of the distinct tensors autograd keeps for backward during `step()`, parameters excluded."""
-    param_storages = {p.untyped_storage().data_ptr() for p in parameters}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_storages:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(storages.values())
-
-
-def benchmark(args, run):
-    """Warmed-up training steps on synthetic input; one JSON line with speed, memory and MFU."""
-    args.num_classes, device = 1000, run.device
-    model = build_model(args).to(device).train()
-    model.set_grad_checkpointing(args.grad_ckpt)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.randn(args.batch_size, 3, args.res, args.res, device=device)
-    labels = torch.randint(0, 1000, (args.batch_size,), device=device)
-    if args.compile:
-        model.compile_blocks()
-
-    def step():
-        with run.autocast():
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(3):  # warm-up: Triton autotuning, cuDNN algorithm search, compile
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        static = torch.cuda.memory_allocated()
-    start = time.perf_counter()
-    for _ in range(args.benchmark_steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.benchmark_steps
-    flops = 3 * model.estimate_flops(args.res) * args.batch_size / seconds  # training = 3x forward
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    if device.type == "cuda":
-        memory, measure = torch.cuda.max_memory_allocated() - static, "peak allocated"
-    elif args.compile:  # hooks on saved tensors would recompile every graph: see the eager rows
-        memory, measure = None, "not measured (compiled, CPU)"
-    else:  # no allocator statistics on CPU: count what autograd keeps for the backward pass
-        memory, measure = saved_activation_bytes(step, model.parameters()), "saved for backward"
-    result = dict(model=args.model, patch=args.patch, res=args.res, tokens=(args.res // args.patch * args.extend) ** 2,
-                  batch=args.batch_size, dtype=str(run.amp_dtype or torch.float32).replace("torch.", ""),
-                  grad_ckpt=args.grad_ckpt, device=name, backends=sorted(set(pv.backends(model)["mixers"].values())),
-                  images_per_s=args.batch_size / seconds, step_ms=1e3 * seconds,
-                  memory_mb_per_image=None if memory is None else memory / 2**20 / args.batch_size,
-                  memory_measure=measure,
-                  tflops=flops / 1e12, flops_count="analytic",
-                  mfu=model.estimate_mfu(args.batch_size / seconds, args.res, name))
+def benchmark(cfg, run):
+    """--benchmark: warmed-up training steps of the model on synthetic input, one JSON line."""
+    model = build_model(cfg, num_classes=1000)
+    model.set_grad_checkpointing(cfg.grad_ckpt)
+    result = dict(model=cfg.model, **engine.benchmark_training(model, cfg.batch_size, cfg.benchmark_steps, run,
+                                                               cfg.compile))
     print(json.dumps(result))
     return result
 
@@ -559,51 +574,53 @@ def benchmark(args, run):
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    run = engine.setup(args)
-    if args.benchmark:
-        return benchmark(args, run)
-    if args.fsdp and not dist.is_initialized():
+def main(cfg):
+    run = engine.setup(cfg.amp)
+    if cfg.benchmark:
+        return benchmark(cfg, run)
+    if cfg.fsdp and not dist.is_initialized():
         raise SystemExit("--fsdp shards over processes: launch with torchrun")
-    run.micro_batch = engine.micro_batch(args.batch_size, run, args.accum_steps)
-    engine.seed_everything(args.seed, "init")
-    train_loader, val_loader = build_loaders(args, run)
-    run.steps_per_epoch = len(train_loader) // args.accum_steps if train_loader else 0
-    if run.steps_per_epoch == 0 and not args.eval_only:
+    if cfg.ema and cfg.fsdp:
+        raise SystemExit("--ema is not supported with --fsdp")
+    run.micro_batch = engine.micro_batch(cfg.batch_size, run, cfg.accum_steps)
+    engine.seed_everything(cfg.seed, "init")
+    train_loader, val_loader, num_classes = build_loaders(cfg, run)
+    run.steps_per_epoch = len(train_loader) // cfg.accum_steps if train_loader else 0
+    if run.steps_per_epoch == 0 and not cfg.eval_only:
         raise SystemExit(f"{len(train_loader.dataset)} training images give no full batch of "
                          f"{run.micro_batch} per rank")
 
     # --eval-only: the weights named (--resume, else --finetune), else the run folder's checkpoint.
     # Training: --finetune initialises; a checkpoint (--resume or the run folder's) continues.
-    found = engine.resume_path(args)
-    init = (found if args.resume else args.finetune or found) if args.eval_only else args.finetune
-    resume = None if args.eval_only else found
-    if args.eval_only and not init:
+    found = engine.resume_path(cfg.output, cfg.resume, cfg.no_resume)
+    init = (found if cfg.resume else cfg.finetune or found) if cfg.eval_only else cfg.finetune
+    resume = None if cfg.eval_only else found
+    if cfg.eval_only and not init:
         raise SystemExit("--eval-only needs weights: --resume CHECKPOINT, --finetune WEIGHTS, or a run in --output")
 
-    model = build_model(args)
+    # build: the model, its EMA, the data-parallel wrapper, the optimiser
+    model = build_model(cfg, num_classes)
     if init:
         try:
             pv.load_checkpoint(model, init)
         except (KeyError, ValueError) as e:
             raise SystemExit(f"{init}: {e}") from None
-    model.set_grad_checkpointing(args.grad_ckpt)
+    model.set_grad_checkpointing(cfg.grad_ckpt)
     model.to(run.device)
     ema = None
-    if args.ema:
-        if args.fsdp:
-            raise SystemExit("--ema is not supported with --fsdp")
+    if cfg.ema:
         from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(model, decay=args.ema_decay)
-    model = distribute(model, args, run)
-    if args.compile:
+        ema = ModelEmaV3(model, decay=cfg.ema_decay)
+    model = distribute(model, cfg, run)
+    if cfg.compile:
         engine.unwrap(model).compile_blocks()   # in place, inside the DDP / FSDP wrapper
-    optimizer = torch.optim.AdamW(engine.param_groups(engine.unwrap(model), args.weight_decay, args.layer_decay),
-                                  lr=args.peak_lr, betas=tuple(args.opt_betas))
+    optimizer = torch.optim.AdamW(engine.param_groups(engine.unwrap(model), cfg.weight_decay, cfg.layer_decay),
+                                  lr=cfg.peak_lr, betas=cfg.opt_betas)
     scaler = run.grad_scaler()
+    mixup, criterion = loss_function(cfg, num_classes)
 
-    os.makedirs(args.output, exist_ok=True)
+    # resume
+    os.makedirs(cfg.output, exist_ok=True)
     start_epoch, start_step, best = 0, 0, 0.0
     if resume:
         ckpt = engine.load_training_state(resume, model, optimizer, scaler, ema)
@@ -614,59 +631,49 @@ def main(argv=None):
 
     n_params = sum(p.numel() for p in engine.unwrap(model).parameters())  # DTensors report their full size
     if run.is_main:
-        print(f"{args.model} patch {args.patch} @ {args.res}: {(args.res // args.patch * args.extend) ** 2:,} tokens, "
-              f"{n_params / 1e6:.2f} M params | {args.recipe} recipe, {run.world} x {args.accum_steps} x "
-              f"{run.micro_batch} = {args.batch_size} images/step, peak lr {args.peak_lr:.2e}")
+        print(f"{cfg.model} patch {cfg.patch} @ {cfg.res}: {(cfg.res // cfg.patch * cfg.extend) ** 2:,} tokens, "
+              f"{n_params / 1e6:.2f} M params | {cfg.recipe} recipe, {run.world} x {cfg.accum_steps} x "
+              f"{run.micro_batch} = {cfg.batch_size} images/step, peak lr {cfg.peak_lr:.2e}")
 
-    if args.eval_only:  # eval.json, so that a training run's results.json in the same folder survives
-        metrics = evaluate(model, val_loader, args, run)
+    if cfg.eval_only:  # eval.json, so that a training run's results.json in the same folder survives
+        metrics = evaluate(model, val_loader, cfg, run)
         if run.is_main:
             print(json.dumps(metrics))
-            engine.write_json(os.path.join(args.output, "eval.json"),
-                              dict(metrics, weights=init, args=engine.jsonable(args), run_state=run.as_dict()))
+        engine.write_eval(run, cfg.output, cfg, dict(metrics, weights=init))
         engine.finish()
         return metrics
-    if start_epoch >= args.epochs:
+    if start_epoch >= cfg.epochs:
         engine.finish()
-        return engine.finished_results(run, args)
+        return engine.finished_results(run, cfg.output)
 
-    mixup, criterion = loss_function(args)
-    latest = os.path.join(args.output, "checkpoint.pth")
-
-    def save(epoch, step, best_top1=None, also_best=False):
-        model_state = engine.save_training_state(latest, run, args, model, optimizer, scaler, ema, epoch=epoch,
-                                                 step=step, best_top1=best if best_top1 is None else best_top1)
-        if also_best and run.is_main:
-            engine.save_checkpoint(os.path.join(args.output, "best.pth"),
-                                   {"model": model_state, "args": engine.jsonable(args)})
-
+    # the loop: train an epoch, evaluate, report, save
     metrics = {}
     if run.is_main:  # an epoch that was logged but not checkpointed runs again: drop its line
-        engine.keep_log_lines(os.path.join(args.output, "log.jsonl"), start_epoch, key="epoch")
-    for epoch in range(start_epoch, args.epochs):
+        engine.keep_log_lines(os.path.join(cfg.output, "log.jsonl"), start_epoch, key="epoch")
+    for epoch in range(start_epoch, cfg.epochs):
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
         try:
             stats = train_one_epoch(epoch, start_step, model, train_loader, optimizer, scaler, ema,
-                                    mixup, criterion, args, run, save)
+                                    mixup, criterion, cfg, run, best)
         except torch.OutOfMemoryError:
             raise SystemExit(f"out of GPU memory with {run.micro_batch} images per micro-batch: use a larger "
                              "--accum-steps, --grad-ckpt, --amp bf16, or --fsdp") from None
         start_step = 0
-        metrics = dict(**stats, **evaluate(model, val_loader, args, run), peak_memory_mb=peak_memory_mb(run.device))
+        metrics = dict(**stats, **evaluate(model, val_loader, cfg, run), peak_memory_mb=peak_memory_mb(run.device))
         if ema is not None:
-            metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, args, run).items()})
+            metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, cfg, run).items()})
         improved = metrics["top1"] > best or epoch == 0
         best = max(best, metrics["top1"])
         if run.is_main:
             print(json.dumps(dict(epoch=epoch, **metrics)))
-        metrics = engine.report(run, args, metrics, epoch=epoch, best_top1=best, params=n_params)
-        save(epoch + 1, 0, best, also_best=improved)
+        metrics = engine.report(run, cfg.output, cfg, metrics, epoch=epoch, best_top1=best, params=n_params)
+        save(cfg, run, model, optimizer, scaler, ema, also_best=improved, epoch=epoch + 1, step=0, best_top1=best)
     if run.is_main:
-        print(f"done: top-1 {metrics.get('top1', float('nan')):.2f} % (best {best:.2f} %) -> {args.output}")
+        print(f"done: top-1 {metrics.get('top1', float('nan')):.2f} % (best {best:.2f} %) -> {cfg.output}")
     engine.finish()
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

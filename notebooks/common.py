@@ -50,13 +50,14 @@ def patch_axis(ax, patches, label="patch size"):
     log2_axis(ax, patches, label, descending=True)
 
 
-def quietly(main, argv):
-    """A script's `main(argv)` with its progress bars and prints held back (they would fill the saved
-    notebook); returns its results. If it fails, what it printed is shown with the error."""
+def quietly(script, argv):
+    """A script module's run of a command line, `script.main(script.parse_args(argv))`, with its progress
+    bars and prints held back (they would fill the saved notebook); returns its results. If it fails,
+    what it printed is shown with the error."""
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-            return main(argv)
+            return script.main(script.parse_args(argv))
     except BaseException:
         sys.stderr.write(printed.getvalue()[-5000:])
         raise
@@ -65,13 +66,13 @@ def quietly(main, argv):
 SEEDS = (0, 1, 2)  # every miniature runs each setting once per seed and draws the spread
 
 
-def seeded(main, argv, folder, seeds=SEEDS):
-    """`main(argv)` once per seed, quietly, in folder_s<seed>; a list of results, each with its run folder
+def seeded(script, argv, folder, seeds=SEEDS):
+    """The script's command line once per seed, quietly, in folder_s<seed>; a list of results, each with its run folder
     and its log (the metrics after each epoch or evaluation, from the run's log.jsonl)."""
     runs = []
     for seed in seeds:
         out = f"{folder}_s{seed}"
-        result = quietly(main, argv + ["--seed", str(seed), "--output", out])
+        result = quietly(script, argv + ["--seed", str(seed), "--output", out])
         with open(os.path.join(out, "log.jsonl")) as f:
             runs.append(dict(result, folder=out, log=[json.loads(line) for line in f]))
     return runs
@@ -146,7 +147,7 @@ def digits(patch, res=8, extend=1):
     the notebooks share these runs, so a run made by one is reused by the next."""
     import train
     name = f"digits_adv_w{DIGIT_WIDTH}d{DIGIT_DEPTH}_r{res}_p{patch}_x{extend}_e{DIGIT_EPOCHS}"
-    return seeded(train.main, DIGITS + ["--res", str(res), "--patch", str(patch), "--extend", str(extend)],
+    return seeded(train, DIGITS + ["--res", str(res), "--patch", str(patch), "--extend", str(extend)],
                   os.path.join(RUNS, "notebooks", name))
 
 

@@ -41,7 +41,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
 import pixelvit as pv  # noqa: E402
-import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADV_T = dict(heads=8, headdim=64, d_state=64, dim=256)   # Adventurer-T's mixer
@@ -234,16 +233,21 @@ def bench_bf16(device, length=4096):
     return rows
 
 
+def benchmark_row(model, patch, res, batch, steps, amp, grad_ckpt=False, compile=False):
+    """What `train.py --benchmark` prints for these flags: the same model, through the same harness
+    (`engine.benchmark_training`)."""
+    classifier = pv.create_model(model, patch=patch, res=res, num_classes=1000)
+    classifier.set_grad_checkpointing(grad_ckpt)
+    return dict(model=model, **engine.benchmark_training(classifier, batch, steps, engine.setup(amp), compile))
+
+
 def bench_models(args):
     rows = []
     runs = [(m, p, False) for m in args.models for p in args.patches]
     runs += [("adv_t", p, True) for p in args.patches if args.compile]
     for model_name, patch, compiled in runs:
-        flags = ["--benchmark", "--model", model_name, "--patch", str(patch), "--res", str(args.res),
-                 "--batch-size", str(args.batch), "--benchmark-steps", str(args.steps),
-                 "--amp", "bf16" if args.amp else "off"]
-        flags += ["--grad-ckpt"] * args.grad_ckpt + ["--compile"] * compiled
-        row = train.main(flags)
+        row = benchmark_row(model_name, patch, args.res, args.batch, args.steps, "bf16" if args.amp else "off",
+                            args.grad_ckpt, compiled)
         row["compiled"] = compiled
         if row["memory_mb_per_image"] is not None:
             row["kb_per_token"] = row["memory_mb_per_image"] * 1024 / row["tokens"]
@@ -296,15 +300,13 @@ TABLE6_ROWS_COMMAND = [sys.executable, os.path.abspath(__file__), "--table6-rows
 
 
 def table6_rows_in_this_process(amp, model, patches):
-    """One `train.py --benchmark` per patch size, each printed as a marked JSON line as soon as it
+    """One `train.py --benchmark` row per patch size, each printed as a marked JSON line as soon as it
     is measured; every error is recorded in its row (an out-of-memory one as such) and the next
     patch size still runs."""
     for patch in patches:
         row = dict(status="ok")
         try:
-            row.update(train.main(["--benchmark", "--model", model, "--patch", str(patch), "--res", "224",
-                                   "--batch-size", str(TABLE6_BATCH[patch]), "--amp", amp,
-                                   "--benchmark-steps", "3"]))
+            row.update(benchmark_row(model, patch, 224, TABLE6_BATCH[patch], 3, amp))
             row["gpu_hours"] = IMAGENET_TRAIN_IMAGES / row["images_per_s"] / 3600
         except torch.cuda.OutOfMemoryError:
             row["status"] = "out of memory"

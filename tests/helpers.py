@@ -17,9 +17,10 @@ def clean_env():
     return env
 
 
-def command(script, nproc=1):
+def command(script, nproc=1, max_restarts=0):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                 str(29500 + os.getpid() % 2000)] if nproc > 1 else [sys.executable])
+                 str(29500 + os.getpid() % 2000), "--max-restarts", str(max_restarts)]
+                if nproc > 1 else [sys.executable])
     return launcher + [os.path.join(ROOT, script)]
 
 
@@ -43,3 +44,40 @@ def run_and_kill(script, args, cwd, checkpoint, ready, timeout=120):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return torch.load(checkpoint, weights_only=True)
+
+
+def worker_pids(launcher):
+    """{rank: pid} of torchrun's worker processes (the launcher's children, each with RANK set)."""
+    workers = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            if parent == launcher:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+                workers[int(env[b"RANK"])] = int(entry)
+        except (OSError, KeyError, ValueError):   # a process that ended while it was read, or not a worker
+            continue
+    return workers
+
+
+def run_elastic_and_kill(script, args, cwd, checkpoint, ready, nproc=2, timeout=300):
+    """Start a `torchrun --max-restarts 1` run, SIGKILL its rank 1 as soon as `ready(checkpoint contents)`
+    holds, and let torchrun restart the workers, which resume from the checkpoint. Returns the launcher's
+    exit status, its output and the checkpoint's contents at the kill."""
+    log = os.path.join(cwd, "elastic.log")   # a file, not a pipe: a full pipe would stall the run
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command(script, nproc, max_restarts=1) + args, cwd=cwd, env=clean_env(),
+                                stdout=out, stderr=subprocess.STDOUT)
+        deadline, state = time.time() + timeout, None
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(checkpoint):
+                state = torch.load(checkpoint, weights_only=True)
+                if ready(state):
+                    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+                    break
+            time.sleep(0.02)
+        proc.wait(timeout=max(deadline - time.time(), 1))
+    with open(log) as f:
+        return proc.returncode, f.read(), state

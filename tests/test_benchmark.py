@@ -1,5 +1,5 @@
 """The benchmark's Table 6 bookkeeping (the GPU rows themselves need a GPU): the rows of one
-configuration with train.py's benchmark replaced by a stand-in, and the subprocess harness with a
+configuration with the training-step benchmark replaced by a stand-in, and the subprocess harness with a
 stand-in child that crashes, hangs or reports its environment."""
 import argparse
 import json
@@ -19,16 +19,15 @@ import benchmark  # noqa: E402
 def test_table6_rows_record_oom_other_errors_and_gpu_hours(monkeypatch, capsys):
     calls = []
 
-    def fake_train_benchmark(argv):
-        flags = dict(zip(argv[1::2], argv[2::2]))     # argv[0] is --benchmark
-        calls.append((flags["--model"], int(flags["--patch"]), flags["--amp"], int(flags["--batch-size"])))
-        if flags["--patch"] == "1":
+    def fake_benchmark_row(model, patch, res, batch, steps, amp):
+        calls.append((model, patch, amp, batch))
+        if patch == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        if flags["--patch"] == "2":
+        if patch == 2:
             raise RuntimeError("Triton Error [CUDA]: an illegal memory access\nsecond line")
-        return dict(images_per_s=100.0 / int(flags["--patch"]), memory_mb_per_image=1.0)
+        return dict(images_per_s=100.0 / patch, memory_mb_per_image=1.0)
 
-    monkeypatch.setattr(benchmark.train, "main", fake_train_benchmark)
+    monkeypatch.setattr(benchmark, "benchmark_row", fake_benchmark_row)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     benchmark.table6_rows_in_this_process("bf16", "adv_b", [16, 4, 2, 1])
     rows = {r["patch"]: r for r in (json.loads(line[len(benchmark.ROW_MARK):])

@@ -1,7 +1,7 @@
 """engine.py, the run skeleton the three scripts share: exact resume with fp16 loss scaling."""
 import os
 import random
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -23,22 +23,38 @@ class Pairs(torch.utils.data.Dataset):
         return torch.randn(4, generator=g), torch.randn(1, generator=g)
 
 
+@dataclass(frozen=True)
+class Settings:
+    output: str
+    lr: float = 1e-2
+
+
 def fit(output, total):
-    """A tiny regression trained through train_iterations in fp16: its gradients overflow at the
-    initial loss scale, so the scaler skips steps and backs off, state that an exact resume needs."""
+    """A tiny regression trained in fp16 with the loop the dense scripts run (resume, step, report,
+    save): its gradients overflow at the initial loss scale, so the scaler skips steps and backs off,
+    state that an exact resume needs."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    args = SimpleNamespace(output=output, resume=None, no_resume=False, batch_size=2, workers=0, seed=0, lr=1e-2,
-                           log_every=1, save_every=1)
-    run = engine.Run(amp="fp16")
-    groups = [dict(params=list(model.parameters()), weight_decay=0.0, lr_scale=1.0)]
-
-    def loss_of(model, batch):
-        x, y = batch
-        return ((model(x) - y).float() ** 2).mean() * 1e4   # x 65,536 overflows float16
-
-    metrics = engine.train_iterations(run, args, model, groups, Pairs(), loss_of, lambda it: 1e-2, total,
-                                      lambda model, done: dict(weight=model.weight.sum().item()), lambda done: True)
+    model, settings, run = torch.nn.Linear(4, 1), Settings(output), engine.Run(amp="fp16")
+    optimizer = torch.optim.AdamW([dict(params=list(model.parameters()), weight_decay=0.0, lr_scale=1.0)])
+    scaler = run.grad_scaler()
+    os.makedirs(output, exist_ok=True)
+    resume = engine.resume_path(output)
+    start = engine.load_training_state(resume, model, optimizer, scaler)["iter"] if resume else 0
+    engine.keep_log_lines(os.path.join(output, "log.jsonl"), start + 1 if resume else 0, key="iter")
+    if start >= total:
+        return engine.finished_results(run, output), None
+    batches = iter(engine.draw_loader(Pairs(), 2, run, seed=0, start=start, workers=0))
+    metrics = {}
+    for it in range(start, total):
+        engine.set_lr(optimizer, settings.lr)
+        x, y = next(batches)
+        with run.autocast():
+            loss = ((model(x) - y).float() ** 2).mean() * 1e4   # x 65,536 overflows float16
+        engine.backward(loss, scaler)
+        engine.optimizer_step(model, optimizer, scaler)
+        metrics = engine.report(run, output, settings, dict(weight=model.weight.sum().item()), iter=it + 1)
+        engine.save_training_state(os.path.join(output, "checkpoint.pth"), run, settings, model, optimizer, scaler,
+                                   iter=it + 1)
     return metrics, torch.load(os.path.join(output, "checkpoint.pth"), weights_only=True)
 
 
@@ -105,8 +121,8 @@ def test_a_command_naming_a_model_without_data_stops_with_what_to_add(script, ar
 @pytest.mark.parametrize("module,argv,expected", [
     ("train", ["--data", "digits", "--model", "adv_t"], dict(data="digits", recipe="demo")),   # asked for
     ("train", ["--benchmark", "--model", "adv_b"], dict(model="adv_b", benchmark=True)),       # synthetic input
-    ("eval_seg", ["--patch", "8"], dict(data_path=None, patch=8)),          # demo knobs, no model flag
-    ("eval_det", ["--patch", "8"], dict(data_path=None, patch=8)),
+    ("eval_seg", ["--patch", "8"], dict(demo=True, patch=8)),          # demo knobs, no model flag
+    ("eval_det", ["--patch", "8"], dict(demo=True, patch=8)),
 ])
 def test_the_demo_and_data_free_runs_still_parse(module, argv, expected):
     args = __import__(module).parse_args(argv)
@@ -117,7 +133,7 @@ SHARED_FLAGS = dict(output=("--output", "o"), resume=("--resume", "r.pth"), fine
                     no_resume=("--no-resume",), eval_only=("--eval-only",), save_every=("--save-every", "5"),
                     amp=("--amp", "bf16"), grad_ckpt=("--grad-ckpt",), compile=("--compile",),
                     seed=("--seed", "3"), workers=("--workers", "1"), log_every=("--log-every", "7"),
-                    batch_size=("--batch-size", "4"))
+                    batch_size=("--batch-size", "4"), accum_steps=("--accum-steps", "2"))
 
 
 @pytest.mark.parametrize("module", ["train", "eval_seg", "eval_det"])
@@ -126,4 +142,5 @@ def test_the_shared_flags_exist_in_every_script_with_one_meaning(module):
     args = __import__(module).parse_args(argv)
     parsed = {dest: getattr(args, dest) for dest in SHARED_FLAGS}
     assert parsed == dict(output="o", resume="r.pth", finetune="f.pth", no_resume=True, eval_only=True, save_every=5,
-                          amp="bf16", grad_ckpt=True, compile=True, seed=3, workers=1, log_every=7, batch_size=4)
+                          amp="bf16", grad_ckpt=True, compile=True, seed=3, workers=1, log_every=7, batch_size=4,
+                          accum_steps=2)

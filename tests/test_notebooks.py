@@ -2,6 +2,7 @@
 copies carry the figures of a real execution."""
 import os
 import sys
+from types import SimpleNamespace
 
 import nbformat
 import numpy as np
@@ -81,7 +82,8 @@ def test_seeded_runs_each_seed_in_its_own_folder_and_keeps_its_log(tmp_path):
         print("a progress bar that must not reach the notebook")
         return {"top1": 60.0 + seed}
 
-    runs = common.seeded(main, ["--patch", "4"], str(tmp_path / "run"), seeds=(0, 2))
+    script = SimpleNamespace(parse_args=lambda argv: argv, main=main)   # settings: the command line itself
+    runs = common.seeded(script, ["--patch", "4"], str(tmp_path / "run"), seeds=(0, 2))
     assert [argv[:2] for argv in calls] == [["--patch", "4"]] * 2
     assert [r["folder"] for r in runs] == [str(tmp_path / "run_s0"), str(tmp_path / "run_s2")]
     assert [r["top1"] for r in runs] == [60.0, 62.0]

@@ -144,7 +144,7 @@ def test_segmentation_command_at_paper_size(model, head, patch, ade, tmp_path):
                                 "--output", str(tmp_path / "run")]
     args = eval_seg.parse_args(argv)
     assert (args.crop, args.stride, args.mode, args.num_classes, args.lr) == (512, 341, "slide", 150, 5e-5)
-    metrics = eval_seg.main(argv)
+    metrics = eval_seg.main(args)
     assert metrics["iter"] == 1 and metrics["val_images"] == 1 and np.isfinite(metrics["train_loss"])
     assert 0 <= metrics["mIoU"] <= 100 and np.isfinite(metrics["val_loss"])
     state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["model"]
@@ -166,6 +166,6 @@ def test_detection_command_at_paper_size(model, head, patch, coco, tmp_path):
     detector = eval_det.build(args, 2, torch.device("cpu")).eval()
     images, _ = detector.transform([torch.rand(3, 600, 1000)])
     assert images.tensors.shape[-2:] == (832 if patch == 64 else 800, 1344)   # padded to the patch and 32
-    metrics = eval_det.main(argv)
+    metrics = eval_det.main(args)
     assert metrics["iter"] == 1 and np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["val_loss"])
     assert {"bbox_AP", "segm_AP", "segm_APl"} <= set(metrics)

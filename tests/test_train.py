@@ -12,7 +12,7 @@ import demo_data
 import engine
 import pixelvit as pv
 import train
-from helpers import ROOT, run_and_kill, run_script
+from helpers import ROOT, run_and_kill, run_elastic_and_kill, run_script
 
 PAPER = json.load(open(os.path.join(ROOT, "notebooks", "paper_tables.json")))
 TINY = ["--model", "adv_t", "--embed-dim", "32", "--depth", "2", "--d-state", "16", "--patch", "4",
@@ -129,7 +129,7 @@ def test_analytic_flops_match_torch_flop_counter_for_deit():
 
 
 def test_benchmark_prints_one_json_line(capsys):
-    train.main(TINY + ["--benchmark", "--batch-size", "2", "--benchmark-steps", "1"])
+    train.main(train.parse_args(TINY + ["--benchmark", "--batch-size", "2", "--benchmark-steps", "1"]))
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     described = (result["model"], result["patch"], result["res"], result["tokens"], result["batch"])
@@ -187,10 +187,20 @@ def test_two_process_run_counts_every_validation_image_once(tmp_path):
     assert single["top1"] == pytest.approx(results["top1"]) and single["val_loss"] == pytest.approx(results["val_loss"])
 
 
-def test_fsdp_trains_the_same_weights_as_ddp(tmp_path):
+def test_fsdp_and_an_elastic_restart_train_the_same_weights_as_ddp(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=(8, 3))
     common = TINY + ["--data-path", data, "--epochs", "2", "--batch-size", "4"]
     run(common + ["--output", str(tmp_path / "ddp")], tmp_path, nproc=2)
+    # torchrun --max-restarts 1 restarts both processes after rank 1 is killed mid-epoch; they resume
+    # from the checkpoint and end with the uninterrupted run's weights, bit for bit
+    elastic = str(tmp_path / "elastic")
+    status, output, state = run_elastic_and_kill("train.py", common + ["--output", elastic, "--save-every", "1"],
+                                                 tmp_path, os.path.join(elastic, "checkpoint.pth"),
+                                                 ready=lambda ckpt: ckpt["step"] >= 1)
+    assert status == 0 and (state["epoch"], state["step"]) != (2, 0), output[-3000:]
+    assert f"resumed from {elastic}/checkpoint.pth" in output, output[-3000:]
+    a, b = final_weights(str(tmp_path / "ddp")), final_weights(elastic)
+    assert all(torch.equal(a[k], b[k]) for k in a)
     run(common + ["--output", str(tmp_path / "fsdp"), "--fsdp"], tmp_path, nproc=2)
     a, b = final_weights(str(tmp_path / "ddp")), final_weights(str(tmp_path / "fsdp"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)

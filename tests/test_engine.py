@@ -1,4 +1,5 @@
 """engine.py, the run skeleton the three scripts share: exact resume with fp16 loss scaling."""
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -144,3 +145,17 @@ def test_the_shared_flags_exist_in_every_script_with_one_meaning(module):
     assert parsed == dict(output="o", resume="r.pth", finetune="f.pth", no_resume=True, eval_only=True, save_every=5,
                           amp="bf16", grad_ckpt=True, compile=True, seed=3, workers=1, log_every=7, batch_size=4,
                           accum_steps=2)
+
+
+@pytest.mark.parametrize("module", ["train", "eval_seg", "eval_det"])
+def test_settings_are_resolved_once_and_frozen(module):
+    cfg = __import__(module).parse_args(["--seed", "3"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 4
+    assert engine.jsonable(cfg)["seed"] == 3 and None not in (cfg.model, cfg.patch, cfg.batch_size, cfg.output)
+
+
+def test_a_typed_flag_beats_every_recipe_and_the_first_recipe_beats_the_next():
+    flags = dict(lr=None, patch=4, epochs=None, depth=None)
+    merged = engine.merge_recipe(flags, dict(lr=1.0, patch=8), dict(lr=2.0, epochs=3, betas=(0.9, 0.95)))
+    assert merged == dict(lr=1.0, patch=4, epochs=3, depth=None, betas=(0.9, 0.95))

@@ -15,8 +15,10 @@ anchors), with what torchvision lacks written here:
   * `SimpleFeaturePyramid`: ViTDet's pyramid generalised to a stride-p backbone, strides 4..64 for any p.
   * `RoIPool`: multi-level RoIAlign with aligned=True and adaptive sampling (mmcv's RoIAlign,
     detectron2's ROIAlignV2); torchvision's MultiScaleRoIAlign hard-codes aligned=False.
-  * `CascadeRoIHeads`: mmdet's CascadeRoIHead: three stages at IoU 0.5 / 0.6 / 0.7, box-coder weights
-    (10,10,5,5) / (20,20,10,10) / (30,30,15,15), class-agnostic regression, re-assignment and
+  * `Anchors`, `assign_anchors`, `MMDetRPN`: mmdet's anchors (fixed strides, unrounded) and RPN
+    targets (border anchors left out, low-quality matches from IoU 0.3) inside torchvision's RPN.
+  * `CascadeRoIHeads`: mmdet's CascadeRoIHead: three stages at IoU 0.5 / 0.6 / 0.7, box deltas scaled by
+    mmdet's target_stds (`DeltaCoder`), class-agnostic regression, re-assignment and
     re-sampling at every stage, stage loss weights 1 / 0.5 / 0.25, smooth-L1 (beta 1) box loss over the
     sampled RoIs, one mask head per stage; at test, class logits averaged over the stages, boxes from
     the last stage, masks averaged over the three mask heads.
@@ -38,7 +40,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -302,6 +303,11 @@ def mask_targets(boxes, gt_masks, matched, size):
     return (roi_align(gt_masks[:, None].float(), rois, size, 1.0, sampling_ratio=0, aligned=True)[:, 0] >= 0.5).float()
 
 
+# mmdet's cascade config, bbox_coder.target_stds per stage: deltas are divided by them (torchvision's
+# BoxCoder multiplies by weights = 1 / std; the third stage's are 30.30 and 14.93, not 30 and 15).
+STAGE_TARGET_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
+
+
 class CascadeRoIHeads(nn.Module):
     """Three box stages of rising IoU, each refining the previous stage's boxes, each with a mask head.
 
@@ -310,12 +316,12 @@ class CascadeRoIHeads(nn.Module):
     [n, M, M] (the stages' mask probabilities averaged); `paste_mask` places them in the image."""
 
     def __init__(self, channels, num_classes, stage_ious=(0.5, 0.6, 0.7), stage_weights=(1.0, 0.5, 0.25),
-                 coder_weights=((10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)), rois_per_image=512,
+                 target_stds=STAGE_TARGET_STDS, rois_per_image=512,
                  positive_fraction=0.25, score_thresh=0.05, nms_thresh=0.5, detections_per_image=100,
                  conv_dims=(256,) * 4, fc_dim=1024, mask_dims=(256,) * 4):
         super().__init__()
         self.stage_ious, self.stage_weights = stage_ious, stage_weights
-        self.coders = [det_utils.BoxCoder(w) for w in coder_weights]
+        self.coders = [DeltaCoder(tuple(1 / s for s in stds)) for stds in target_stds]
         self.sampler = det_utils.BalancedPositiveNegativeSampler(rois_per_image, positive_fraction)
         self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
         self.box_pool, self.mask_pool = RoIPool(7), RoIPool(14)
@@ -419,6 +425,88 @@ class CascadeRoIHeads(nn.Module):
 # The detector
 
 
+class Anchors(nn.Module):
+    """mmdet's AnchorGenerator for the RPN: at every level's grid point (x, y) = stride x (column, row)
+    one anchor per ratio h / w in (0.5, 1, 2), of area (8 x stride)^2, centred on the point; float32
+    corners, not rounded. The strides are fixed (4 to 64), not derived from the padded image's size
+    as torchvision's AnchorGenerator does (an 800-px-high image gives 61 px at the 13-row top level)."""
+
+    def __init__(self, strides=(4, 8, 16, 32, 64), scale=8, ratios=(0.5, 1.0, 2.0)):
+        super().__init__()
+        self.strides = strides
+        h = torch.tensor(ratios, dtype=torch.float64).sqrt()
+        w = 1 / h
+        self.base = [(torch.stack([-w, -h, w, h], dim=1) * stride * scale / 2).float() for stride in strides]
+
+    def forward(self, images, features):
+        anchors = []
+        for feature, stride, base in zip(features, self.strides, self.base):
+            rows, cols = feature.shape[-2:]
+            y, x = torch.meshgrid(torch.arange(rows, device=feature.device, dtype=torch.float32) * stride,
+                                  torch.arange(cols, device=feature.device, dtype=torch.float32) * stride,
+                                  indexing="ij")
+            centres = torch.stack([x, y, x, y], dim=-1).reshape(-1, 1, 4)
+            anchors.append((centres + base.to(feature.device)).reshape(-1, 4))   # point-major, ratio-minor
+        return [torch.cat(anchors)] * len(images.image_sizes)
+
+
+def assign_anchors(anchors, gt_boxes, image_size, pos_iou=0.7, neg_iou=0.3, min_pos_iou=0.3):
+    """mmdet's RPN targets: 1 foreground, 0 background, -1 left out, and the matched boxes.
+
+    Anchors crossing the image's border are left out (`allowed_border=0`); the others follow
+    MaxIoUAssigner: background below IoU 0.3, foreground from 0.7, and every ground truth whose best
+    IoU reaches `min_pos_iou` also takes all the anchors at that best IoU (`match_low_quality`,
+    `gt_max_assign_all`; a later ground truth takes a shared anchor)."""
+    h, w = image_size
+    inside = (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] < w) & (anchors[:, 3] < h)
+    labels = torch.full((len(anchors),), -1.0, device=anchors.device)
+    matched = torch.zeros_like(anchors)
+    if gt_boxes.numel() == 0:
+        labels[inside] = 0.0
+        return labels, matched
+    iou = box_iou(gt_boxes, anchors[inside])                        # [ground truths, inside anchors]
+    best_iou, best_gt = iou.max(dim=0)
+    gt_index = torch.full_like(best_gt, -1)                         # -1 ignored, 0 background, k + 1
+    gt_index[best_iou < neg_iou] = 0
+    gt_index[best_iou >= pos_iou] = best_gt[best_iou >= pos_iou] + 1
+    gt_best = iou.max(dim=1).values
+    low_quality = (iou == gt_best[:, None]) & (gt_best[:, None] >= min_pos_iou)
+    number = torch.arange(1, len(gt_boxes) + 1, device=anchors.device)[:, None]
+    last = (low_quality * number).max(dim=0).values                 # the last ground truth taking it
+    gt_index = torch.where(last > 0, last, gt_index)
+    labels[inside] = torch.where(gt_index > 0, 1.0, torch.where(gt_index == 0, 0.0, -1.0))
+    matched[inside] = gt_boxes[(gt_index - 1).clamp(min=0)]
+    return labels, matched
+
+
+class DeltaCoder(det_utils.BoxCoder):
+    """mmdet's DeltaXYWHBBoxCoder decoding: the log width and height deltas are clamped to
+    +-log(1000 / 16) both ways, where torchvision's BoxCoder clamps them from above only."""
+
+    def decode_single(self, rel_codes, boxes):
+        weights = rel_codes.new_tensor(self.weights).repeat(rel_codes.shape[1] // 4)
+        is_size = torch.arange(rel_codes.shape[1], device=rel_codes.device) % 4 >= 2
+        lowest = torch.where(is_size, -self.bbox_xform_clip * weights, torch.full_like(weights, -math.inf))
+        return super().decode_single(torch.maximum(rel_codes, lowest), boxes)
+
+
+class MMDetRPN(RegionProposalNetwork):
+    """torchvision's RPN (proposals, sampling, losses) with mmdet's training targets (`assign_anchors`)
+    and decoding (`DeltaCoder`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.box_coder = DeltaCoder((1.0, 1.0, 1.0, 1.0))
+
+    def forward(self, images, features, targets=None):
+        self.image_sizes = images.image_sizes   # each image's size before padding, for the border rule
+        return super().forward(images, features, targets)
+
+    def assign_targets_to_anchors(self, anchors, targets):
+        pairs = [assign_anchors(a, t["boxes"], size) for a, t, size in zip(anchors, targets, self.image_sizes)]
+        return [labels for labels, _ in pairs], [boxes for _, boxes in pairs]
+
+
 class RPNHead32(RPNHead):
     """torchvision's RPN head with float32 outputs: its box decoding casts the anchors to the
     deltas' dtype, which under bf16 autocast would round proposals to 8 px at 1,000 px."""
@@ -432,8 +520,7 @@ def build_detector(backbone_model, num_classes, channels=256, min_size=800, max_
                    rpn_batch=256, head_dims=256, fc_dim=1024):
     """Cascade Mask R-CNN on a pixelvit backbone, at the paper's input size (short side 800, long 1333)."""
     backbone = PyramidBackbone(backbone_model, channels)
-    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-    rpn = RegionProposalNetwork(anchors, RPNHead32(channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+    rpn = MMDetRPN(Anchors(), RPNHead32(channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
                                 batch_size_per_image=rpn_batch, positive_fraction=0.5,
                                 pre_nms_top_n=dict(training=2000, testing=1000),
                                 post_nms_top_n=dict(training=2000, testing=1000), nms_thresh=0.7)

@@ -88,50 +88,75 @@ def read_class_names(path):
 
 
 def rescale_size(h, w, long_side=2048, short_side=512, ratio=1.0):
-    """mmseg's keep-ratio Resize to (2048, 512) x ratio: the largest size within both bounds."""
-    factor = min(long_side * ratio / max(h, w), short_side * ratio / min(h, w))
+    """mmseg's keep-ratio Resize to (2048, 512) x ratio: the largest size within both bounds. The
+    bounds are truncated to integers first, as mmcv's RandomResize does with its drawn ratio."""
+    long_side, short_side = int(long_side * ratio), int(short_side * ratio)
+    factor = min(long_side / max(h, w), short_side / min(h, w))
     return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
-def photometric_distortion(image):
-    """mmseg's PhotoMetricDistortion on uint8 RGB: brightness +-32, contrast x[0.5, 1.5], saturation
-    x[0.5, 1.5], hue +-18 (of OpenCV's 180), each with a coin flip; contrast first or last."""
+def to_uint8(x):
+    """Clip to [0, 255] and truncate, as mmseg's PhotoMetricDistortion.convert does (numpy astype)."""
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+def scale_saturation(image, factor):
+    """Scale the saturation of uint8 RGB by `factor` in HSV space, clipped to 1, hue and value kept.
+    In HSV a channel is c = V (1 - S f_c) with V the largest channel and f_c set by the hue, so
+    scaling S moves every channel along its own line to V: c' = V - (V - c) S'/S."""
     x = image.float()
+    value, low = x.amax(0), x.amin(0)
+    saturation = torch.where(value > 0, (value - low) / value.clamp(min=1), torch.zeros_like(value))
+    ratio = torch.where(saturation > 0, (saturation * factor).clamp(max=1) / saturation.clamp(min=1e-12),
+                        torch.ones_like(saturation))
+    return to_uint8((value - (value - x) * ratio).round())
+
+
+def photometric_distortion(image):
+    """mmseg's PhotoMetricDistortion on uint8 RGB, step by step: brightness +-32, contrast x[0.5, 1.5]
+    (first or last), saturation x[0.5, 1.5] in HSV space, hue shifted by an integer in [-18, 17] of
+    OpenCV's 180 steps; each with a coin flip, each ending in uint8."""
     if random.random() < 0.5:
-        x = (x + random.uniform(-32, 32)).clamp(0, 255)
+        image = to_uint8(image.float() + random.uniform(-32, 32))
     contrast_first = random.random() < 0.5
 
     def contrast(x):
-        return (x * random.uniform(0.5, 1.5)).clamp(0, 255) if random.random() < 0.5 else x
+        return to_uint8(x.float() * random.uniform(0.5, 1.5)) if random.random() < 0.5 else x
 
-    x = contrast(x) if contrast_first else x
-    x = x.round().to(torch.uint8)
+    image = contrast(image) if contrast_first else image
     if random.random() < 0.5:
-        x = TF.adjust_saturation(x, random.uniform(0.5, 1.5))
+        image = scale_saturation(image, random.uniform(0.5, 1.5))
     if random.random() < 0.5:
-        x = TF.adjust_hue(x, random.uniform(-18, 18) / 180)
-    return x if contrast_first else contrast(x.float()).round().to(torch.uint8)
+        image = TF.adjust_hue(image, random.randint(-18, 17) / 180)
+    return image if contrast_first else contrast(image)
 
 
 def random_crop(image, label, size, cat_max_ratio=0.75, tries=10):
-    """A random size x size crop whose largest class covers under 75 % of the labelled pixels
-    (mmseg's cat_max_ratio; up to 10 tries), padded with the ignore label if the image is smaller."""
+    """mmseg's RandomCrop: a random size x size crop (smaller where the image is), redrawn up to 10
+    times while its largest class covers 75 % or more of its labelled pixels; after 10 failed checks
+    the 11th draw is taken unchecked."""
     h, w = label.shape
-    for _ in range(tries):
+
+    def draw():
         top, left = random.randint(0, max(h - size, 0)), random.randint(0, max(w - size, 0))
-        crop = label[top:top + size, left:left + size]
+        return slice(top, top + size), slice(left, left + size)
+
+    rows, cols = draw()
+    for _ in range(tries):
+        crop = label[rows, cols]
         counts = torch.bincount(crop[crop != IGNORE].flatten())
         counts = counts[counts > 0]
         if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
             break
-    image, label = image[:, top:top + size, left:left + size], label[top:top + size, left:left + size]
-    pad = [0, size - label.shape[1], 0, size - label.shape[0]]
-    return F.pad(image, pad, value=0), F.pad(label, pad, value=IGNORE)
+        rows, cols = draw()
+    return image[:, rows, cols], label[rows, cols]
 
 
 def train_pipeline(image, label, crop, short_side=512, photometric=True):
     """mmseg's ADE20k training pipeline: random resize x[0.5, 2] of (2048, short_side), a cat-max-ratio
-    crop, a flip and photometric distortion, on image (bilinear) and mask (nearest) together."""
+    crop, a flip and photometric distortion, on image (bilinear) and mask (nearest) together; then, as
+    mmseg's data preprocessor does, normalisation and padding to crop x crop at the bottom and right
+    with 0 (the mean colour, after normalisation) and the ignore label."""
     size = rescale_size(*label.shape, long_side=4 * short_side, short_side=short_side, ratio=random.uniform(0.5, 2.0))
     image = TF.resize(image, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
     label = TF.resize(label[None], list(size), interpolation=TF.InterpolationMode.NEAREST)[0]
@@ -140,7 +165,8 @@ def train_pipeline(image, label, crop, short_side=512, photometric=True):
         image, label = image.flip(-1), label.flip(-1)
     if photometric:
         image = photometric_distortion(image)
-    return normalize(image), label
+    pad = [0, crop - label.shape[1], 0, crop - label.shape[0]]
+    return F.pad(normalize(image), pad, value=0.0), F.pad(label, pad, value=IGNORE)
 
 
 def normalize(image):

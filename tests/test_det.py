@@ -1,7 +1,9 @@
 """eval_det.py: the pyramid, the cascade head and its mmdet/detectron2 rules on hand-made cases, COCO
 evaluation against pycocotools, the command line (training, resume, two processes, results files)."""
 import json
+import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -50,12 +52,50 @@ def test_matching_follows_each_stage_threshold():
 def test_stage_box_coders_by_hand():
     heads = det.CascadeRoIHeads(32, 3, conv_dims=(32,), fc_dim=16, mask_dims=(32,))
     proposal, gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([[1.0, 1.0, 11.0, 21.0]])
-    # centre shift 1 px on a 10 px box (0.1), height ratio 2: (wx dx, wy dy, ww log 1, wh log 2)
-    for coder, (wx, wy, _, wh) in zip(heads.coders, [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]):
-        expected = torch.tensor([[wx * 0.1, wy * 0.6, 0.0, wh * torch.log(torch.tensor(2.0))]])
-        assert torch.allclose(coder.encode_single(gt, proposal), expected, atol=1e-6)
+    # mmdet's cascade config, bbox_coder.target_stds of the three stages: deltas are divided by them.
+    # Centre shift 1 px on a 10 px box (0.1) and 6 px in y (0.6), height ratio 2: (0.1, 0.6, 0, log 2) / std
+    mmdet_stds = [(0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067)]
+    for coder, (sx, sy, _, sh) in zip(heads.coders, mmdet_stds):
+        expected = torch.tensor([[0.1 / sx, 0.6 / sy, 0.0, math.log(2) / sh]])
+        assert torch.allclose(coder.encode_single(gt, proposal), expected, rtol=1e-6), coder.weights
     refined = heads.refine(1, heads.coders[1].encode_single(gt, proposal), [proposal], [(64, 64)])
     assert torch.allclose(refined[0], gt, atol=1e-4)   # decoding inverts encoding, clipped to the image
+    # mmdet clamps the log size deltas both ways at log(1000 / 16): a 10 px box shrinks to 0.16 px at most
+    shrunk = heads.coders[0].decode_single(torch.tensor([[0.0, 0.0, -5 * 10.0, 0.0]]), proposal)
+    assert torch.allclose(shrunk, torch.tensor([[5 - 0.08, 0.0, 5 + 0.08, 10.0]]), atol=1e-5)
+
+
+def test_anchors_lie_on_fixed_stride_grids_unrounded():
+    # an 800 x 1216 input at patch 16: levels of 200 x 304 ... 25 x 38 and a 13 x 19 top level
+    shapes = [(200, 304), (100, 152), (50, 76), (25, 38), (13, 19)]
+    images = SimpleNamespace(image_sizes=[(800, 1216)])
+    (anchors,) = det.Anchors()(images, [torch.zeros(1, 8, *s, dtype=torch.bfloat16) for s in shapes])
+    counts = [3 * h * w for h, w in shapes]
+    assert anchors.dtype == torch.float32 and len(anchors) == sum(counts)
+    top = anchors[sum(counts[:4]):].view(13, 19, 3, 4)
+    centres = (top[..., :2] + top[..., 2:]) / 2
+    assert torch.equal(centres[:, 0, 1, 1], torch.arange(13) * 64.0)      # 0, 64, ..., 768 (not 61 px apart)
+    assert torch.equal(centres[0, :, 1, 0], torch.arange(19) * 64.0)      # (ratio 1: integer corners)
+    # the first level's base anchors: area 32^2, h / w = 0.5, 1, 2, centred on (0, 0), not rounded
+    half = [(16 * 2 ** 0.5, 8 * 2 ** 0.5), (16.0, 16.0), (8 * 2 ** 0.5, 16 * 2 ** 0.5)]
+    expected = torch.tensor([[-w, -h, w, h] for w, h in half])
+    assert torch.allclose(anchors[:3], expected, atol=1e-5)
+
+
+def test_rpn_targets_follow_mmdet_assignment():
+    anchors = torch.tensor([[0.0, 0, 10, 10],      # IoU 1 with gt 0: foreground
+                            [-5.0, 0, 5, 10],      # crosses the left border: left out
+                            [50.0, 50, 60, 60],    # best IoU 0.21 for gt 1: below min_pos_iou, background
+                            [80.0, 80, 92, 92],    # IoU 0.64 with gt 2: between thresholds, but its best
+                            [20.0, 20, 30, 30],    # IoU 0.71 with gts 3 and 4 alike: the later one takes it
+                            [0.0, 90, 10, 100]])   # x2, y2 must be < the image size: left out
+    gts = torch.tensor([[0.0, 0, 10, 10], [48.0, 48, 70, 70], [80.0, 80, 95, 95], [20.0, 20, 30, 34],
+                        [20.0, 16, 30, 30]])
+    labels, matched = det.assign_anchors(anchors, gts, (100, 100))
+    assert labels.tolist() == [1, -1, 0, 1, 1, -1]
+    assert torch.equal(matched[[0, 3, 4]], gts[[0, 2, 4]])
+    labels, _ = det.assign_anchors(anchors, torch.zeros(0, 4), (100, 100))
+    assert labels.tolist() == [0, -1, 0, 0, 0, -1]
 
 
 def test_stage_weights_scale_each_stage_loss():

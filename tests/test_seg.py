@@ -1,4 +1,5 @@
 """eval_seg.py: mmseg's metrics by hand, the pipeline's alignment, head sizes, runs on an ADE-format folder."""
+import colorsys
 import json
 import os
 
@@ -65,18 +66,51 @@ def test_train_pipeline_keeps_image_and_mask_aligned():
         assert agree > 0.97, trial       # only resampling at the rectangle's border may differ
 
 
-def test_crop_of_a_small_image_is_padded_with_the_ignore_label():
+def test_a_small_crop_is_padded_after_normalisation_at_the_bottom_and_right():
+    # mmseg's data preprocessor pads the normalised crop with 0 (the mean colour) and the label with
+    # the ignore index, after the flip and the photometric distortion
     image = torch.full((3, 20, 30), 7, dtype=torch.uint8)
     label = torch.zeros(20, 30, dtype=torch.long)
-    x, y = seg.random_crop(image, label, 32)
-    assert x.shape == (3, 32, 32) and (y[20:] == seg.IGNORE).all() and (y[:, 30:] == seg.IGNORE).all()
-    assert (x[:, 20:] == 0).all() and (y[:20, :30] == 0).all()
+    seven = seg.normalize(image[:, :1, :1])[:, 0, 0]
+    for trial in range(6):
+        seg.random.seed(trial)
+        x, y = seg.train_pipeline(image, label, crop=64, short_side=16, photometric=False)  # short side 8..32
+        h, w = int((y[:, 0] == 0).sum()), int((y[0] == 0).sum())
+        assert 0 < h < 64 and 0 < w < 64 and (y[:h, :w] == 0).all()
+        assert (y[h:] == seg.IGNORE).all() and (y[:, w:] == seg.IGNORE).all()
+        assert (x[:, h:] == 0).all() and (x[:, :, w:] == 0).all()
+        assert torch.allclose(x[:, :h, :w], seven[:, None, None].expand(3, h, w))
+
+
+def test_the_crop_is_drawn_an_eleventh_time_unchecked():
+    draws = []
+    real = seg.random.randint
+    seg.random.randint = lambda a, b: draws.append((a, b)) or real(a, b)
+    try:
+        seg.random_crop(torch.zeros(3, 40, 40, dtype=torch.uint8), torch.zeros(40, 40, dtype=torch.long), 16)
+    finally:
+        seg.random.randint = real
+    assert draws == [(0, 24), (0, 24)] * 11   # one class only: every check fails, then one more draw
+
+
+def test_photometric_steps_truncate_to_uint8_and_saturation_scales_in_hsv():
+    assert seg.to_uint8(torch.tensor([-3.0, 7.9, 254.99, 300.0])).tolist() == [0, 7, 254, 255]
+    rgb = torch.randint(0, 256, (3, 40, 25), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for factor in (0.6, 1.3, 3.0):
+        ours = seg.scale_saturation(rgb, factor)
+        reference = torch.tensor([[colorsys.hsv_to_rgb(h, min(s * factor, 1.0), v)
+                                   for h, s, v in [colorsys.rgb_to_hsv(*(rgb[:, i, j].double() / 255).tolist())]][0]
+                                  for i in range(40) for j in range(25)]) * 255
+        assert (ours.permute(1, 2, 0).reshape(-1, 3).double() - reference).abs().max() <= 0.5 + 1e-6, factor
+    gray = torch.full((3, 4, 4), 90, dtype=torch.uint8)
+    assert torch.equal(seg.scale_saturation(gray, 1.5), gray)
 
 
 def test_mmseg_resize_rule():
     assert seg.rescale_size(480, 640) == (512, 683)          # short side to 512
     assert seg.rescale_size(300, 3000) == (205, 2048)        # long side capped at 2048
     assert seg.rescale_size(512, 512, ratio=0.5) == (256, 256)
+    assert seg.rescale_size(480, 640, ratio=0.7) == (358, 477)   # bounds int(358.4), int(1433.6): 640 x 358 / 480
 
 
 # --- heads ------------------------------------------------------------------------------------------

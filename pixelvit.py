@@ -14,6 +14,7 @@ Two families, with the state-dict keys of the released code so that official wei
   * Adventurer (wangf3014/Patch_Scaling `models_mamba.py` keys, CLS token LAST), Mamba-2 mixer.
 """
 import argparse
+import contextlib
 import functools
 import math
 import os
@@ -30,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "ModelConfig", "create_model", "list_models", "load_checkpoint", "backends",
     "DeiT", "Adventurer", "DecoderFreeHead", "ssd_chunked", "ssd_recurrent",
-    "resample_pos_embed", "resample_patch_embed", "kernel_batch_limit",
+    "resample_pos_embed", "resample_patch_embed", "kernel_batch_limit", "TorchShape", "torch_shape",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -59,19 +60,43 @@ INT32_LIMIT = 2**31 - 1
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
 
 
-# The chunk length of the PyTorch SSD path. Any length gives the same result up to rounding;
-# it trades the sequential chunk loop against (chunk x chunk) decay matrices (the timings that chose
-# these three constants are in docs/benchmarks.md).
-TORCH_SSD_CHUNK = 64
-# Tokens that the PyTorch Mamba-2 path (the mixer, and `ssd_chunked` on its own) works through at
-# a time, recomputing each block in backward: small enough that a block's temporaries stay in
-# cache and are reused by the allocator, not mapped afresh from the OS for every pass (which at
-# 50,176 tokens cost as much system time as compute).
-TORCH_BLOCK_TOKENS = 1024
-# From this many tokens on, the PyTorch Mamba-2 mixer recomputes each block in the backward pass
-# instead of keeping its intermediates (below it, the recompute's per-operation overhead costs
-# more time than the memory is worth).
-TORCH_RECOMPUTE_MIN_TOKENS = 256
+@dataclass(frozen=True)
+class TorchShape:
+    """How the PyTorch Mamba-2 path cuts a sequence into work. Every shape gives the same result up
+    to rounding; they differ in how many operations run and how large each is."""
+    chunk: int            # SSD chunk length: the (chunk x chunk) masked products inside a chunk
+    block: int            # tokens whose temporaries exist at once; each block is recomputed in backward
+    recompute_from: int   # shorter sequences keep their intermediates: the recompute would cost more
+    state_passing: str    # across a block's chunks: "loop", one step per chunk, or "matrix", one
+                          # product with a (chunks x chunks) lower-triangular decay matrix
+    float64_sums: bool    # decay exponents as differences of one float64 cumulative sum, or each
+                          # summed directly from its own terms in the compute dtype (no float64: MPS)
+
+
+TORCH_SHAPES = {
+    # CPU: blocks small enough that their temporaries stay in cache and are reused by the allocator,
+    # not mapped afresh from the OS for every pass; a Python loop over chunks costs little there.
+    "cpu": TorchShape(chunk=64, block=1024, recompute_from=256, state_passing="loop", float64_sums=True),
+    # GPUs and other accelerators, where every operation is a kernel launch: few, large operations.
+    # Chunk 64 balances the (chunk x chunk) decay matrices against the chunk states (h x 64 x 64
+    # floats per chunk each at headdim = d_state = 64, so the sum of both is least at 64); 16,384
+    # tokens keep each float32 temporary of a block near 1.4 GB at Adventurer-B, batch 14
+    # (docs/kernels.md).
+    "accelerator": TorchShape(chunk=64, block=16_384, recompute_from=256, state_passing="matrix",
+                              float64_sums=False),
+}
+# Set PIXELVIT_TORCH_SHAPE=cpu or accelerator (or assign pixelvit.TORCH_SHAPE) to force a shape on
+# any device, e.g. to test the accelerator shape on a CPU; None picks by the tensors' device.
+TORCH_SHAPE = os.environ.get("PIXELVIT_TORCH_SHAPE") or None
+
+
+def torch_shape(device):
+    """The PyTorch Mamba-2 path's shape for tensors on `device`: the CPU's, or the accelerators'
+    (CUDA, ROCm, MPS, and the meta device, on which operation counts are measured)."""
+    name = TORCH_SHAPE or ("cpu" if torch.device(device).type == "cpu" else "accelerator")
+    if name not in TORCH_SHAPES:
+        raise ValueError(f"PIXELVIT_TORCH_SHAPE must be one of {sorted(TORCH_SHAPES)}, got {name!r}")
+    return TORCH_SHAPES[name]
 
 
 def kernel_batch_limit(seqlen, width):
@@ -210,9 +235,54 @@ def segsum(a):
     return out.masked_fill(~torch.ones(q, q, dtype=torch.bool, device=a.device).tril(), -torch.inf)
 
 
-def _ssd_chunks(x, dt, A, B, C, state, q):
-    """SSD over a stretch of whole chunks of q tokens, started from `state` (b, g, e, p, n);
-    returns y (b, l, h, p) and the state after the stretch."""
+def segsum_direct(a):
+    """`segsum` without float64: entry (i, j) summed directly from a[j+1..i] (masked copies of a,
+    then one cumulative sum down the rows), as mamba-ssm's `ssd_minimal.py` does. No difference of
+    large sums, so float32 keeps its precision; for devices without float64 (Apple MPS)."""
+    q = a.shape[-1]
+    below = torch.ones(q, q, dtype=torch.bool, device=a.device).tril(-1)
+    terms = a[..., :, None].expand(*a.shape, q).masked_fill(~below, 0)   # [i, j] = a[i] where i > j
+    out = terms.cumsum(dim=-2)                                            # [i, j] = a[j+1] + ... + a[i]
+    return out.masked_fill(~torch.ones(q, q, dtype=torch.bool, device=a.device).tril(), -torch.inf)
+
+
+def _pass_states_loop(state, chunk_states, chunk_log_decay):
+    """The state entering each chunk, one chunk after another: c small steps. The chunks are taken
+    apart with unbind, whose backward is one stack; indexing chunk k of the stacked tensor instead
+    would make each step's backward write a full-size gradient."""
+    chunk_decay = torch.exp(chunk_log_decay)[..., None, None]            # (b, g, e, c, 1, 1)
+    states_in = []
+    for decay_k, added_k in zip(chunk_decay.unbind(3), chunk_states.unbind(3)):
+        states_in.append(state)
+        state = decay_k * state + added_k
+    return torch.stack(states_in, dim=3), state                          # (b, g, e, c, p, n)
+
+
+def _pass_states_matrix(state, chunk_states, chunk_log_decay, segment_sums):
+    """The state entering every chunk at once, as mamba-ssm's `ssd_minimal_discrete` does: the
+    initial state and what each chunk adds at its end, stacked (c + 1 of them), times one
+    lower-triangular matrix of the decays between chunk ends. Row k is the state entering chunk k;
+    the last row is the state after the stretch."""
+    states = torch.cat([state.unsqueeze(3), chunk_states], dim=3)        # (b, g, e, c + 1, p, n)
+    decay = torch.exp(segment_sums(F.pad(chunk_log_decay, (1, 0))))      # (b, g, e, c + 1, c + 1)
+    with _without_autocast(states.device):   # the states pass in float32, as in the loop
+        states = (decay @ states.flatten(-2)).unflatten(-1, states.shape[-2:])
+    # the final state copied out: the next block's recompute keeps it, and a view would keep all
+    # of this block's chunk states alive with it
+    return states[..., :-1, :, :], states[..., -1, :, :].clone()
+
+
+def _without_autocast(device):
+    """Autocast switched off where the device has it (bf16 autocast would round a matrix product's
+    operands); the meta device has none."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _ssd_chunks(x, dt, A, B, C, state, q, shape):
+    """SSD over a stretch of whole chunks of q tokens, started from `state` (b, g, e, p, n), with
+    the state passing and decay sums of `shape`; returns y (b, l, h, p) and the state after it."""
     b, l, h, p = x.shape
     g, c = B.shape[2], l // q
 
@@ -226,22 +296,19 @@ def _ssd_chunks(x, dt, A, B, C, state, q):
     B, C = to_chunks(B), to_chunks(C)                       # (b, g, 1, c, q, n)
 
     # 1. Inside each chunk, SSD is masked attention: y_i = sum_{j<=i} (C_i.B_j) decay(j->i) xdt_j.
-    decay = torch.exp(segsum(a))                            # (b, g, e, c, q, q)
+    segment_sums = segsum if shape.float64_sums else segsum_direct
+    decay = torch.exp(segment_sums(a))                      # (b, g, e, c, q, q)
     y = (C @ B.transpose(-1, -2) * decay) @ xdt             # (b, g, e, c, q, p)
 
     # 2. What each chunk adds to the state at its own end.
     decay_to_end = decay[..., -1, :, None]                  # (b, g, e, c, q, 1)
     chunk_states = (xdt * decay_to_end).transpose(-1, -2) @ B   # (b, g, e, c, p, n)
 
-    # 3. Pass the state across chunk boundaries: the only sequential step, c iterations. The
-    #    chunks are taken apart with unbind, whose backward is one stack; indexing chunk k of the
-    #    stacked tensor instead would make each step's backward write a full-size gradient.
-    chunk_decay = torch.exp(a.sum(-1))[..., None, None]     # (b, g, e, c, 1, 1)
-    states_in = []
-    for decay_k, added_k in zip(chunk_decay.unbind(3), chunk_states.unbind(3)):
-        states_in.append(state)
-        state = decay_k * state + added_k
-    states_in = torch.stack(states_in, dim=3)               # (b, g, e, c, p, n)
+    # 3. Pass the state across chunk boundaries, the only step that runs along the sequence.
+    if shape.state_passing == "matrix":
+        states_in, state = _pass_states_matrix(state, chunk_states, a.sum(-1), segment_sums)
+    else:
+        states_in, state = _pass_states_loop(state, chunk_states, a.sum(-1))   # (b, g, e, c, p, n)
 
     # 4. The carried-in state, read out by C and decayed from the chunk start to each position.
     decay_from_start = torch.exp(a.cumsum(-1))[..., None]   # (b, g, e, c, q, 1)
@@ -250,21 +317,23 @@ def _ssd_chunks(x, dt, A, B, C, state, q):
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size=256, block_size=None, initial_state=None,
-                return_final_state=False):
+                return_final_state=False, shape=None):
     """Chunked SSD, same arguments and result as `ssd_recurrent`, in O(l) work and memory.
 
     The sequence is cut into the fewest chunks of at most `chunk_size` tokens, all of one length.
     Any length works: the end is padded with dt = 0 (decay 1, no input), which leaves the real
     outputs and the carried state untouched, and cropped afterwards. The chunks are processed in
-    blocks of about `block_size` tokens (TORCH_BLOCK_TOKENS), one block's temporaries at a time,
+    blocks of about `block_size` tokens (the shape's block), one block's temporaries at a time,
     the state carried from block to block. Under autograd each block is recomputed in the backward
     pass: what is kept for backward is the inputs and one state per block, not the (q x q) decay
     and score matrices, and the cost per token stays flat at any length.
 
     `initial_state` (b, h, p, n) continues a sequence whose state it is (zeros by default);
     with `return_final_state` the result is (y, state after the last token), as in mamba-ssm's
-    `mamba_chunk_scan_combined`.
+    `mamba_chunk_scan_combined`. `shape` (a `TorchShape`; default: by the device, `torch_shape`)
+    sets the block size, the state passing and the decay sums.
     """
+    shape = shape or torch_shape(x.device)
     dtype = _compute_dtype(x)
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
     b, l, h, p = x.shape
@@ -274,7 +343,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256, block_size=None, initial_state=N
     pad = c * q - l                                         # fewer than c tokens are padding
     if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    step = q * max(1, (block_size or TORCH_BLOCK_TOKENS) // q)
+    step = q * max(1, (block_size or shape.block) // q)
     recompute = (torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C))
                  and c * q > step)                          # one block: nothing to gain
     state = (x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(dtype))
@@ -284,9 +353,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256, block_size=None, initial_state=N
     # write a full-length gradient (quadratic in the number of blocks)
     for xb, dtb, Bb, Cb in zip(*(t.split(step, dim=1) for t in (x, dt, B, C))):
         if recompute:
-            y, state = checkpoint(_ssd_chunks, xb, dtb, A, Bb, Cb, state, q, use_reentrant=False)
+            y, state = checkpoint(_ssd_chunks, xb, dtb, A, Bb, Cb, state, q, shape, use_reentrant=False)
         else:
-            y, state = _ssd_chunks(xb, dtb, A, Bb, Cb, state, q)
+            y, state = _ssd_chunks(xb, dtb, A, Bb, Cb, state, q, shape)
         ys.append(y)
     y = torch.cat(ys, dim=1)[:, :l]
     return (y, state.reshape(b, h, p, n)) if return_final_state else y
@@ -437,26 +506,28 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(u.dtype))
 
     def _torch(self, u):
-        """The whole mixer, block by block of TORCH_BLOCK_TOKENS tokens, each block handing the
-        next its last conv inputs and its SSD state. Every temporary is block-sized, so the cost
-        per token stays flat at any length. Under autograd each block is recomputed in the
-        backward pass: it keeps only its input for it, as mamba-ssm's fused kernel does, instead
-        of a dozen full-length intermediates. Short sequences skip the recompute: their
-        activations are small and its per-operation overhead would dominate."""
-        recompute = (torch.is_grad_enabled() and u.shape[1] >= TORCH_RECOMPUTE_MIN_TOKENS
+        """The whole mixer, block by block of the device's `TorchShape` (1,024 tokens on a CPU,
+        16,384 on an accelerator), each block handing the next its last conv inputs and its SSD
+        state. Every temporary is block-sized, so the cost per token stays flat at any length.
+        Under autograd each block is recomputed in the backward pass: it keeps only its input for
+        it, as mamba-ssm's fused kernel does, instead of a dozen full-length intermediates. Short
+        sequences skip the recompute: their activations are small and its per-operation overhead
+        would dominate."""
+        shape = torch_shape(u.device)
+        recompute = (torch.is_grad_enabled() and u.shape[1] >= shape.recompute_from
                      and (u.requires_grad or self.in_proj.weight.requires_grad))
         conv_tail = state = None                  # zeros: nothing before the first token
         outputs = []
-        for block in u.split(TORCH_BLOCK_TOKENS, dim=1):
+        for block in u.split(shape.block, dim=1):
             if recompute:
-                out, conv_tail, state = checkpoint(self._mix_block, block, conv_tail, state,
+                out, conv_tail, state = checkpoint(self._mix_block, block, conv_tail, state, shape,
                                                    use_reentrant=False)
             else:
-                out, conv_tail, state = self._mix_block(block, conv_tail, state)
+                out, conv_tail, state = self._mix_block(block, conv_tail, state, shape)
             outputs.append(out)
         return torch.cat(outputs, dim=1)
 
-    def _mix_block(self, u, conv_tail, state):
+    def _mix_block(self, u, conv_tail, state, shape):
         """One block of tokens, continuing from the previous block's last d_conv - 1 conv inputs
         (b, d_conv - 1, conv_dim) and SSD state (b, h, p, n); both None at the start."""
         b, l, _ = u.shape
@@ -467,7 +538,9 @@ class Mamba2Mixer(nn.Module):
         if conv_tail is None:
             conv_tail = xBC.new_zeros(b, history, self.conv_dim)
         xBC = torch.cat([conv_tail, xBC], dim=1)                          # (b, history + l, c)
-        conv_tail = xBC[:, xBC.shape[1] - history:]
+        # a copy, not a view: the next block's recompute keeps it, and a view would keep this whole
+        # block's conv input alive with it
+        conv_tail = xBC[:, xBC.shape[1] - history:].clone()
         xBC = F.conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
                        groups=self.conv_dim)
         x, B, C = F.silu(xBC.transpose(1, 2)).split([self.d_inner, g * n, g * n], dim=-1)
@@ -476,8 +549,8 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.to(dtype))                             # (h,)
         x = x.reshape(b, l, h, p)
         y, state = ssd_chunked(x, dt, A, B.reshape(b, l, g, n), C.reshape(b, l, g, n),
-                               min(self.chunk_size, TORCH_SSD_CHUNK), initial_state=state,
-                               return_final_state=True)
+                               min(self.chunk_size, shape.chunk), block_size=shape.block,
+                               initial_state=state, return_final_state=True, shape=shape)
         y = y + self.D.to(dtype)[:, None] * x.to(dtype)                  # skip connection
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y.to(u.dtype)), conv_tail, state
@@ -493,12 +566,13 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        if torch.is_grad_enabled() or x.shape[1] <= TORCH_BLOCK_TOKENS:
+        block = torch_shape(x.device).block
+        if torch.is_grad_enabled() or x.shape[1] <= block:
             return self._hidden_and_out(x)
         # Inference keeps nothing for a backward pass, so long sequences go through in blocks of
         # tokens: the hidden activations (2.5x wider than x) stay block-sized instead of being
         # mapped afresh from the OS in every block.
-        return torch.cat([self._hidden_and_out(t) for t in x.split(TORCH_BLOCK_TOKENS, dim=1)], dim=1)
+        return torch.cat([self._hidden_and_out(t) for t in x.split(block, dim=1)], dim=1)
 
     def _hidden_and_out(self, x):
         return self.w3(F.silu(self.w1(x)) * self.w2(x))

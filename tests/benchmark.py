@@ -21,6 +21,11 @@
    by side, bf16 and fp16, next to the paper's A100 figures. Adventurer-B first (kernels, then the
    PyTorch path), then DeiT-B, each configuration in a subprocess; every row's error is recorded
    (out of memory as such), rows past `--time-budget` say so, and --json is written row by row.
+7. Operations: the aten operations that one 224 px image dispatches through Adventurer-B, forward
+   without grad and forward + backward, at patches 16 to 1, in both shapes of the PyTorch Mamba-2
+   path, counted on the meta device (no GPU needed): on an accelerator each is a kernel launch.
+   Goal: in the accelerator shape, patch 1 within 5x the operations of patch 16. DeiT-B at patch 16
+   for scale.
 """
 import argparse
 import glob
@@ -37,6 +42,7 @@ import threading
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
@@ -100,7 +106,7 @@ def forward_backward(fn, inputs):
 def bench_ssd(device, length=4096):
     """Chunked SSD vs the recurrence, forward and forward+backward, Adventurer-T mixer sizes."""
     inputs = ssd_inputs(length, device)
-    chunked = lambda *a: pv.ssd_chunked(*a, chunk_size=pv.TORCH_SSD_CHUNK)   # noqa: E731
+    chunked = lambda *a: pv.ssd_chunked(*a, chunk_size=pv.torch_shape(device).chunk)   # noqa: E731
     fwd = timed([lambda: chunked(*inputs), lambda: pv.ssd_recurrent(*inputs)], device, 1, 5)
     both = timed([forward_backward(chunked, inputs), forward_backward(pv.ssd_recurrent, inputs)], device, 1, 3)
     rows = [dict(ssd="chunked", tokens=length, fwd_ms=1e3 * fwd[0][0], fwd_bwd_ms=1e3 * both[0][0]),
@@ -119,7 +125,7 @@ def bench_linearity(device, lengths=(4096, 50176)):
     Adventurer-T block. The ratio to the first length is the goal (flat: 1.0)."""
     block = adventurer_block(device, ADV_T["dim"])
     cases = {"ssd_chunked": lambda n: forward_backward(
-                 lambda *a: pv.ssd_chunked(*a, chunk_size=pv.TORCH_SSD_CHUNK), ssd_inputs(n, device)),
+                 lambda *a: pv.ssd_chunked(*a, chunk_size=pv.torch_shape(device).chunk), ssd_inputs(n, device)),
              "Adventurer-T block": lambda n: forward_backward(
                  block, [torch.randn(1, n + 1, ADV_T["dim"], device=device)])}
     rows = []
@@ -193,7 +199,7 @@ def bench_peers(device, lengths, sdist_dir):
             row.update(mixer_ms=1e3 * mine, transformers_ms=1e3 * other, transformers_over_ours=other / mine)
         if minimal is not None and n % 256 == 0:   # its chunks must divide the length
             x, dt, A, B, C = ssd_inputs(n, device)
-            mine_fn = lambda x, dt, B, C, A=A: pv.ssd_chunked(x, dt, A, B, C, pv.TORCH_SSD_CHUNK)   # noqa: E731
+            mine_fn = lambda x, dt, B, C, A=A: pv.ssd_chunked(x, dt, A, B, C, pv.torch_shape(device).chunk)   # noqa: E731
             # mamba-ssm's form: X = x dt, A dt per step, B and C per head; its chunk 256 is Mamba2's default
             minimal_fn = lambda x, dt, B, C, A=A: minimal(   # noqa: E731
                 x * dt[..., None], A * dt, B.expand(-1, -1, A.shape[0], -1), C.expand(-1, -1, A.shape[0], -1), 256)[0]
@@ -217,7 +223,7 @@ def bench_bf16(device, length=4096):
     def outputs(dtype, autocast):
         inputs = [t.to(dtype).requires_grad_(True) for t in (x, dt, A, B, C)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            y = pv.ssd_chunked(*inputs, chunk_size=pv.TORCH_SSD_CHUNK)
+            y = pv.ssd_chunked(*inputs, chunk_size=pv.torch_shape(device).chunk)
         grads = torch.autograd.grad((y.to(dtype) * weights.to(dtype)).sum(), inputs)
         return dict(zip(["y", "dx", "ddt", "dA", "dB", "dC"], (t.double() for t in (y, *grads))))
 
@@ -262,6 +268,51 @@ def memory_ratios(rows):
                  / memory[("deit_t", p, False)]["memory_mb_per_image"])
             for (model, p, compiled), r in memory.items()
             if model == "adv_t" and not compiled and ("deit_t", p, False) in memory]
+
+
+class OperationCount(TorchDispatchMode):
+    """Counts the aten operations dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operations(model_name, patch, shape, backward, res=224, **overrides):
+    """Aten operations of one image through a model built on the meta device, with the PyTorch
+    Mamba-2 path forced into `shape` ("cpu" or "accelerator")."""
+    forced, pv.TORCH_SHAPE = pv.TORCH_SHAPE, shape
+    try:
+        with torch.device("meta"):
+            model = pv.create_model(model_name, patch=patch, res=res, **overrides)
+            images = torch.randn(1, 3, res, res)
+        counter = OperationCount()
+        with torch.set_grad_enabled(backward), counter:
+            out = model(images)
+            if backward:
+                out.sum().backward()
+        return counter.count
+    finally:
+        pv.TORCH_SHAPE = forced
+
+
+def bench_operations(patches):
+    rows = [dict(model="deit_b", patch=16, shape="-", fwd_ops=count_operations("deit_b", 16, None, False),
+                 fwd_bwd_ops=count_operations("deit_b", 16, None, True))]
+    for shape in ("accelerator", "cpu"):
+        for patch in patches:
+            rows.append(dict(model="adv_b", patch=patch, shape=shape,
+                             fwd_ops=count_operations("adv_b", patch, shape, False),
+                             fwd_bwd_ops=count_operations("adv_b", patch, shape, True)))
+    base = {r["shape"]: r for r in rows if r["model"] == "adv_b" and r["patch"] == 16}
+    for r in rows[1:]:
+        r["fwd_over_patch16"] = r["fwd_ops"] / base[r["shape"]]["fwd_ops"]
+        r["fwd_bwd_over_patch16"] = r["fwd_bwd_ops"] / base[r["shape"]]["fwd_bwd_ops"]
+    return rows
 
 
 def package_versions():
@@ -404,7 +455,7 @@ def main():
                         help="sequence lengths for section 3")
     parser.add_argument("--sdists", default=os.path.join(ROOT, "sdists"),
                         help="folder holding a mamba-ssm sdist (.tar.gz) for section 3's ssd_minimal_discrete")
-    parser.add_argument("--sections", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="which sections to run")
+    parser.add_argument("--sections", nargs="+", type=int, default=[1, 2, 3, 4, 5, 7], help="which sections to run")
     parser.add_argument("--table6", action="store_true", help="run only section 6, the paper's Table 6 (GPU)")
     parser.add_argument("--time-budget", type=float, default=240, help="seconds for section 6's rows")
     parser.add_argument("--deadline", type=float, help="Unix time after which section 6 starts no row and "
@@ -445,6 +496,10 @@ def main():
         print_table(results["models"], ["model", "patch", "tokens", "compiled", "images_per_s",
                                         "memory_mb_per_image", "kb_per_token", "tflops", "backends"])
         print_table(memory_ratios(results["models"]), ["patch", "tokens", "adv_t_over_deit_t_memory"])
+    if 7 in args.sections:
+        results["operations"] = bench_operations(args.patches)
+        print_table(results["operations"], ["model", "patch", "shape", "fwd_ops", "fwd_bwd_ops", "fwd_over_patch16",
+                                            "fwd_bwd_over_patch16"])
     if 6 in args.sections:   # --json written row by row, with the versions and the kernels found
         rows = bench_table6(args)
         print_table(rows, ["model", "patch", "amp", "path", "batch", "status", "images_per_s",

@@ -119,3 +119,14 @@ def test_table6_rows_past_the_time_budget_are_recorded_as_skipped(tmp_path, monk
     monkeypatch.setattr(benchmark.pv, "backends", lambda: report(True, True, True))
     rows = benchmark.bench_table6(argparse.Namespace(time_budget=None, deadline=time.time() - 1, json=None))
     assert len(rows) == 7 * 5 and {r["status"] for r in rows} == {"skipped: time budget"}
+
+
+def test_operations_grow_little_with_tokens_in_the_accelerator_shape():
+    # Adventurer-B's blocks at 224 px, two deep: in the accelerator shape a patch-1 image (50,177
+    # tokens) dispatches within 5x the operations of a patch-16 one (197 tokens); the CPU shape's
+    # loop over 64-token chunks and 1,024-token blocks dispatches over 10x more at patch 1
+    counts = {(shape, patch, backward): benchmark.count_operations("adv_b", patch, shape, backward, depth=2)
+              for shape in ("accelerator", "cpu") for patch in (16, 1) for backward in (False, True)}
+    for backward in (False, True):
+        assert counts["accelerator", 1, backward] <= 5 * counts["accelerator", 16, backward], counts
+        assert counts["cpu", 1, backward] > 10 * counts["accelerator", 1, backward], counts

@@ -1,4 +1,6 @@
 """Models: official key layout and sizes, equivalence with independent references, the API."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,12 +145,18 @@ def test_adventurer_default_mixer_sizes_match_reference():
     assert torch.allclose(model(x), expected, rtol=0, atol=1e-10)
 
 
+def blocks_of_16_tokens(monkeypatch, shape, **changes):
+    """Force the PyTorch path's `shape` ("cpu" or "accelerator"), cut into blocks of 16 tokens."""
+    monkeypatch.setitem(pv.TORCH_SHAPES, shape, dataclasses.replace(pv.TORCH_SHAPES[shape], block=16, **changes))
+    monkeypatch.setattr(pv, "TORCH_SHAPE", shape)
+
+
+@pytest.mark.parametrize("shape", ["cpu", "accelerator"])
 @pytest.mark.parametrize("recompute_from", [1, 10**9])   # the mixer recomputed in backward, or not
-def test_adventurer_gradients_match_the_reference(monkeypatch, recompute_from):
+def test_adventurer_gradients_match_the_reference(monkeypatch, recompute_from, shape):
     # every parameter's gradient through the mixer and a multi-block SSD (blocks of 16 tokens: 18
     # tokens with CLS and the mean token), against autograd of the functional reference
-    monkeypatch.setattr(pv, "TORCH_BLOCK_TOKENS", 16)
-    monkeypatch.setattr(pv, "TORCH_RECOMPUTE_MIN_TOKENS", recompute_from)
+    blocks_of_16_tokens(monkeypatch, shape, recompute_from=recompute_from)
     torch.manual_seed(0)
     model = perturb_norm_weights(tiny("adv_t", depth=4)).double().eval()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
@@ -160,10 +168,11 @@ def test_adventurer_gradients_match_the_reference(monkeypatch, recompute_from):
         assert torch.allclose(p.grad, state[name].grad, rtol=1e-8, atol=1e-10), name
 
 
-def test_adventurer_inference_in_blocks_matches_the_reference(monkeypatch):
+@pytest.mark.parametrize("shape", ["cpu", "accelerator"])
+def test_adventurer_inference_in_blocks_matches_the_reference(monkeypatch, shape):
     # without autograd the mixer and the MLP go through the sequence in blocks (here of 16 tokens:
     # 17 tokens with CLS, 18 with the mean token)
-    monkeypatch.setattr(pv, "TORCH_BLOCK_TOKENS", 16)
+    blocks_of_16_tokens(monkeypatch, shape)
     torch.manual_seed(0)
     model = perturb_norm_weights(tiny("adv_t", depth=4)).double().eval()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
@@ -440,12 +449,13 @@ def test_readme_example_at_its_real_size():
     assert torch.isfinite(logits).all() and torch.isfinite(tokens).all()
 
 
+@pytest.mark.parametrize("shape", ["cpu", "accelerator"])
 @pytest.mark.parametrize("grad", [True, False])
-def test_adventurer_traces_without_graph_breaks(monkeypatch, grad):
+def test_adventurer_traces_without_graph_breaks(monkeypatch, grad, shape):
     # torch.compile(fullgraph=True) needs one graph: the PyTorch Mamba-2 path with several mixer
-    # blocks, recomputed in backward (grad) or not, and the flipped blocks
-    monkeypatch.setattr(pv, "TORCH_BLOCK_TOKENS", 16)
-    monkeypatch.setattr(pv, "TORCH_RECOMPUTE_MIN_TOKENS", 1)
+    # blocks, recomputed in backward (grad) or not, and the flipped blocks, in both shapes (on ROCm
+    # and MPS the compiled accelerator shape is the fast path)
+    blocks_of_16_tokens(monkeypatch, shape, recompute_from=1)
     model = tiny("adv_t", depth=4)
     x = torch.randn(2, 3, 16, 16)
     torch._dynamo.reset()

@@ -6,6 +6,15 @@ import pixelvit as pv
 from reference import ssd_quadratic
 
 
+@pytest.fixture(autouse=True, params=["cpu", "accelerator"])
+def shape(request, monkeypatch):
+    """Every test below in both shapes of the PyTorch path: the CPU's (cache-sized blocks, a loop over
+    chunks, float64 decay sums) and the accelerators' (large blocks, the chunk states passed with one
+    decay matrix, decay sums in the compute dtype), both forced here on the CPU."""
+    monkeypatch.setattr(pv, "TORCH_SHAPE", request.param)
+    return request.param
+
+
 def random_ssd_inputs(b, l, h, p, g, n, dtype=torch.float64, dt_range=(1e-3, 0.1), seed=0):
     """Inputs in the ranges Adventurer's init produces: A in [-16, -1], dt in [1e-3, 0.1]."""
     gen = torch.Generator().manual_seed(seed)
@@ -135,3 +144,21 @@ def test_bfloat16_autocast_stays_within_the_kernels_tolerance():
     for name, got, want in zip("y dx ddt dA dB dC".split(), (y, *grads), (expected, *expected_grads)):
         scale = want.abs().max().item()
         assert torch.allclose(got.double(), want, rtol=1e-2, atol=3e-3 * scale), name
+
+
+def test_the_two_shapes_agree_on_the_same_inputs(shape):
+    inputs = [t.requires_grad_(True) for t in random_ssd_inputs(2, 300, 4, 8, 2, 16, dtype=torch.float32)]
+    weights = torch.randn(2, 300, 4, 8, generator=torch.Generator().manual_seed(1))
+    results = []
+    for name in ("cpu", "accelerator"):
+        y = pv.ssd_chunked(*inputs, chunk_size=64, block_size=128, shape=pv.TORCH_SHAPES[name])
+        results.append((y, *torch.autograd.grad((y * weights).sum(), inputs)))
+    for what, cpu, accelerator in zip("y dx ddt dA dB dC".split(), *results):
+        assert torch.allclose(cpu, accelerator, rtol=1e-4, atol=1e-5 * cpu.abs().max().item()), what
+
+
+def test_segment_sums_without_float64_by_hand(shape):
+    a = torch.tensor([1.0, 2.0, 4.0])
+    inf = float("-inf")
+    expected = torch.tensor([[0.0, inf, inf], [2.0, 0.0, inf], [6.0, 4.0, 0.0]])   # a[j+1] + ... + a[i]
+    assert torch.equal(pv.segsum_direct(a), expected) and torch.equal(pv.segsum(a), expected)

@@ -586,14 +586,18 @@ def detect_and_encode(model, dataset, cfg, run):
     number of detections, not with the images' size."""
     detector = engine.unwrap(model).eval()
     results = []
+    with_objects = [i for i, image_id in enumerate(dataset.image_ids)
+                    if dataset.coco.getAnnIds(imgIds=image_id)] if cfg.visualize else []
+    drawn = set(with_objects[:cfg.visualize])   # the first N images that hold objects, whichever rank has them
     for i in tqdm(range(run.rank, len(dataset), run.world), desc="eval", leave=False, disable=not run.is_main):
         image, target = dataset[i]
         with run.autocast():
             (out,) = detector([image.to(run.device)])
         out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
         results += to_coco_results(out, target["image_id"], dataset.category_ids, image.shape[-2:])
-        if i < cfg.visualize:
-            draw_detections(image, out, dataset, os.path.join(cfg.output, "visualize", f"{target['image_id']}.png"))
+        if i in drawn:
+            draw_detections(image, out, target, dataset,
+                            os.path.join(cfg.output, "visualize", f"{target['image_id']}.png"))
     return results
 
 
@@ -631,18 +635,33 @@ def validation_loss(model, dataset, cfg, run):
     return total / max(count, 1)
 
 
-def draw_detections(image, out, dataset, path, score_thresh=0.5):
+def draw_detections(image, out, target, dataset, path, score_thresh=0.5):
+    """One PNG: the image | its ground truth (green) | the detections scoring over 0.5 (orange), each
+    object's mask, box and category name (with the score for detections)."""
     from PIL import Image
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    keep = torch.where(out["scores"] > score_thresh)[0]
-    canvas = (image * 255).byte()
-    if len(keep):
-        masks = np.stack([paste_mask(out["mask_probs"][k], out["boxes"][k], *image.shape[-2:]) for k in keep.tolist()])
-        canvas = draw_segmentation_masks(canvas, torch.from_numpy(masks).bool(), alpha=0.4)
-        names = dataset.coco.loadCats([dataset.category_ids[k - 1] for k in out["labels"][keep].tolist()])
-        canvas = draw_bounding_boxes(canvas, out["boxes"][keep], [n["name"] for n in names], width=1)
-    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)
+    scale = max(1, 256 // max(image.shape[-2:]))   # small images drawn larger, so that the names stay readable
+    pixels = F.interpolate((image * 255).byte()[None], scale_factor=scale, mode="nearest")[0]
+
+    def names(labels):
+        return [c["name"] for c in dataset.coco.loadCats([dataset.category_ids[k - 1] for k in labels.tolist()])]
+
+    def panel(boxes, masks, captions, colour):
+        if not len(boxes):
+            return pixels
+        masks = F.interpolate(masks[None].float(), scale_factor=scale, mode="nearest")[0] > 0
+        canvas = draw_segmentation_masks(pixels, masks, alpha=0.45, colors=colour)
+        return draw_bounding_boxes(canvas, boxes * scale, captions, colors=colour, width=max(1, scale // 2))
+
+    keep = torch.where(out["scores"] > score_thresh)[0].tolist()
+    masks = torch.from_numpy(np.stack([paste_mask(out["mask_probs"][k], out["boxes"][k], *image.shape[-2:])
+                                       for k in keep])) if keep else None
+    captions = [f"{name} {score:.2f}" for name, score in zip(names(out["labels"][keep]), out["scores"][keep].tolist())]
+    gap = torch.full((3, pixels.shape[1], 4), 255, dtype=torch.uint8)
+    panels = [pixels, gap, panel(target["boxes"], target["masks"], names(target["labels"]), "lime"), gap,
+              panel(out["boxes"][keep], masks, captions, "orange")]
+    Image.fromarray(torch.cat(panels, dim=2).permute(1, 2, 0).numpy()).save(path)
 
 
 def flatten(scores):
@@ -694,7 +713,8 @@ def get_args_parser():
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-results", help="evaluate an existing COCO results file; no model is run")
     g.add_argument("--save-predictions", help="write the COCO results file (test-dev format) here")
-    g.add_argument("--visualize", type=int, default=0, help="draw boxes and masks on N validation images")
+    g.add_argument("--visualize", type=int, default=0,
+                   help="draw image | truth | detections for the first N validation images that hold objects")
     return p
 
 

@@ -72,18 +72,21 @@ def setup(amp=None):
         device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(), rank=rank,
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(world), rank=rank,
                                 world_size=world, device_id=device if device.type == "cuda" else None)
     return Run(rank=rank, world=world, device=device, amp=amp or ("bf16" if device.type == "cuda" else "off"))
 
 
-def attempt_store():
-    """torchrun's key-value store, its keys kept apart per restart attempt. After `--max-restarts`
-    restarts the workers, the agent's store still holds the previous attempt's keys, among them the
-    dead processes' gloo addresses, which the new processes would try to connect to."""
+def attempt_store(world):
+    """torchrun's key-value store, its keys kept apart per start of the workers. After `--max-restarts`
+    restarts them, a store that lives on (torchrun's static rendezvous) still holds the previous
+    workers' keys, among them the dead processes' gloo addresses, which the new ones would try to
+    connect to. Each worker counts itself in once, so the `world` workers of one start agree on its
+    number without relying on each node's own restart counter."""
     from torch.distributed.rendezvous import rendezvous
     store, _, _ = next(rendezvous("env://"))
-    return dist.PrefixStore(f"pixelvit/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    start = (store.add("pixelvit/workers_started", 1) - 1) // world
+    return dist.PrefixStore(f"pixelvit/start_{start}", store)
 
 
 def finish():
@@ -93,6 +96,8 @@ def finish():
 
 def micro_batch(global_batch, run, accum_steps=1):
     """Images per process per forward pass; --batch-size is the global batch, as in the paper."""
+    if accum_steps < 1 or global_batch < 1:
+        raise SystemExit(f"--batch-size {global_batch} and --accum-steps {accum_steps} must be at least 1")
     if global_batch % (run.world * accum_steps):
         raise SystemExit(f"--batch-size {global_batch} (global) must divide by the {run.world} processes x "
                          f"{accum_steps} accumulation steps")

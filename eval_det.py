@@ -464,6 +464,8 @@ def assign_anchors(anchors, gt_boxes, image_size, pos_iou=0.7, neg_iou=0.3, min_
     if gt_boxes.numel() == 0:
         labels[inside] = 0.0
         return labels, matched
+    if not inside.any():   # an image smaller than every anchor: no targets, as mmdet skips it
+        return labels, matched
     iou = box_iou(gt_boxes, anchors[inside])                        # [ground truths, inside anchors]
     best_iou, best_gt = iou.max(dim=0)
     gt_index = torch.full_like(best_gt, -1)                         # -1 ignored, 0 background, k + 1
@@ -708,7 +710,8 @@ def get_args_parser():
     g.add_argument("--warmup-iters", type=int, help="linear warm-up from 0.001 x lr (default 500)")
     g.add_argument("--eval-every", type=int, default=4, help="evaluate every N epochs and at the end")
     g.add_argument("--save-every", type=int,
-                   help="checkpoint every N optimiser steps (iterations), and at the end (default 2,000)")
+                   help="checkpoint every N optimiser steps (iterations), and at the end (default 2,000; 0: at the "
+                        "end only)")
     engine.add_run_args(p, "run folder (default: runs/det_<model>_p<patch>)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-results", help="evaluate an existing COCO results file; no model is run")
@@ -861,11 +864,12 @@ def main(cfg):
         engine.set_lr(optimizer, lr)
         loss = torch.zeros((), device=run.device)
         for micro in range(cfg.accum_steps):
+            batch = next(batches)   # first: loading in this process (--workers 0) seeds the flips
             # drop path and RoI sampling: a function of the slice of the global batch, not of how it is split
             engine.seed_everything(cfg.seed, "step", it, micro * run.world + run.rank)
             with engine.gradient_sync(wrapped, micro == cfg.accum_steps - 1):
                 with run.autocast():
-                    micro_loss = detection_loss(wrapped, next(batches), run.device) / cfg.accum_steps
+                    micro_loss = detection_loss(wrapped, batch, run.device) / cfg.accum_steps
                 engine.backward(micro_loss, scaler)
             loss += micro_loss.detach()
         engine.optimizer_step(wrapped, optimizer, scaler)
@@ -877,7 +881,7 @@ def main(cfg):
             train_loss = engine.all_reduce([loss.item()], run.device)[0] / run.world
             metrics = dict(evaluate(wrapped, val_set, cfg, run), val_loss=validation_loss(wrapped, val_set, cfg, run))
             metrics = engine.report(run, cfg.output, cfg, metrics, iter=done, train_loss=train_loss)
-        if done % cfg.save_every == 0 or done == total:
+        if (cfg.save_every and done % cfg.save_every == 0) or done == total:
             engine.save_training_state(os.path.join(cfg.output, "checkpoint.pth"), run, cfg, wrapped, optimizer,
                                        scaler, iter=done)
     engine.finish()

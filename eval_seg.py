@@ -432,7 +432,8 @@ def get_args_parser():
     g.add_argument("--aux-weight", type=float, default=0.4, help="UperNet's auxiliary FCN loss weight")
     g.add_argument("--eval-every", type=int, help="evaluate every N iterations and at the end (default 16,000)")
     g.add_argument("--save-every", type=int,
-                   help="checkpoint every N optimiser steps (iterations), and at the end (default 2,000)")
+                   help="checkpoint every N optimiser steps (iterations), and at the end (default 2,000; 0: at the "
+                        "end only)")
     engine.add_run_args(p, "run folder (default: runs/seg_<model>_p<patch>_<head>)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--save-predictions", help="write one PNG label map per validation image here")
@@ -599,11 +600,12 @@ def main(cfg):
         engine.set_lr(optimizer, lr_at(it, cfg))
         loss = torch.zeros((), device=run.device)
         for micro in range(cfg.accum_steps):
+            batch = next(batches)   # first: loading in this process (--workers 0) seeds the augmentation
             # drop path: a function of the slice of the global batch, not of how it is split
             engine.seed_everything(cfg.seed, "step", it, micro * run.world + run.rank)
             with engine.gradient_sync(wrapped, micro == cfg.accum_steps - 1):
                 with run.autocast():
-                    micro_loss = segmentation_loss(wrapped, next(batches), cfg.aux_weight) / cfg.accum_steps
+                    micro_loss = segmentation_loss(wrapped, batch, cfg.aux_weight) / cfg.accum_steps
                 engine.backward(micro_loss, scaler)
             loss += micro_loss.detach()
         engine.optimizer_step(wrapped, optimizer, scaler)
@@ -615,7 +617,7 @@ def main(cfg):
             train_loss = engine.all_reduce([loss.item()], run.device)[0] / run.world
             metrics = engine.report(run, cfg.output, cfg, validate(wrapped, val_set, cfg, run), iter=done,
                                     train_loss=train_loss)
-        if done % cfg.save_every == 0 or done == cfg.iters:
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.iters:
             engine.save_training_state(os.path.join(cfg.output, "checkpoint.pth"), run, cfg, wrapped, optimizer,
                                        scaler, iter=done)
     if run.is_main:

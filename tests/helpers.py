@@ -69,7 +69,7 @@ def run_elastic_and_kill(script, args, cwd, checkpoint, ready, nproc=2, timeout=
     log = os.path.join(cwd, "elastic.log")   # a file, not a pipe: a full pipe would stall the run
     with open(log, "w") as out:
         proc = subprocess.Popen(command(script, nproc, max_restarts=1) + args, cwd=cwd, env=clean_env(),
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline, state = time.time() + timeout, None
         while time.time() < deadline and proc.poll() is None:
             if os.path.exists(checkpoint):
@@ -78,6 +78,10 @@ def run_elastic_and_kill(script, args, cwd, checkpoint, ready, nproc=2, timeout=
                     os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
                     break
             time.sleep(0.02)
-        proc.wait(timeout=max(deadline - time.time(), 1))
+        try:
+            proc.wait(timeout=max(deadline - time.time(), 1))
+        except subprocess.TimeoutExpired:   # stop torchrun and its workers (its own process group)
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
     with open(log) as f:
         return proc.returncode, f.read(), state

@@ -96,6 +96,8 @@ def test_rpn_targets_follow_mmdet_assignment():
     assert torch.equal(matched[[0, 3, 4]], gts[[0, 2, 4]])
     labels, _ = det.assign_anchors(anchors, torch.zeros(0, 4), (100, 100))
     assert labels.tolist() == [0, -1, 0, 0, 0, -1]
+    labels, _ = det.assign_anchors(anchors, gts, (8, 8))   # no anchor fits inside: no targets at all
+    assert labels.tolist() == [-1] * 6
 
 
 def test_stage_weights_scale_each_stage_loss():

@@ -159,3 +159,9 @@ def test_a_typed_flag_beats_every_recipe_and_the_first_recipe_beats_the_next():
     flags = dict(lr=None, patch=4, epochs=None, depth=None)
     merged = engine.merge_recipe(flags, dict(lr=1.0, patch=8), dict(lr=2.0, epochs=3, betas=(0.9, 0.95)))
     assert merged == dict(lr=1.0, patch=4, epochs=3, depth=None, betas=(0.9, 0.95))
+
+
+@pytest.mark.parametrize("batch,accum", [(8, 0), (8, -2), (0, 1), (6, 4)])
+def test_impossible_batch_splits_stop_with_the_flags_named(batch, accum):
+    with pytest.raises(SystemExit, match="--batch-size"):
+        engine.micro_batch(batch, engine.Run(), accum)

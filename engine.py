@@ -184,6 +184,23 @@ def add_dense_task_args(p):
                    help="lr x decay^(depth + 1 - layer) for the backbone (1.0: none, as the paper states its recipe)")
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings of `add_run_args`' flags, which every script's frozen settings extend."""
+    output: str
+    resume: str | None
+    no_resume: bool
+    finetune: str | None
+    eval_only: bool
+    accum_steps: int
+    amp: str | None
+    grad_ckpt: bool
+    compile: bool
+    workers: int
+    seed: int
+    log_every: int
+
+
 MODEL_FLAGS = ("model", "embed_dim", "depth", "num_heads", "d_state")
 
 

@@ -722,8 +722,9 @@ def get_args_parser():
 
 
 @dataclass(frozen=True)
-class DetConfig:
-    """Every setting of a run, resolved once from the flags, the paper's recipe and the demo (`resolve`)."""
+class DetConfig(engine.RunSettings):
+    """Every setting of a run (those of the shared run flags in `engine.RunSettings`), resolved once from
+    the flags, the paper's recipe and the demo (`resolve`)."""
     # backbone
     model: str
     patch: int
@@ -754,19 +755,7 @@ class DetConfig:
     warmup_iters: int
     eval_every: int                 # epochs
     save_every: int                 # optimiser steps
-    # run
-    output: str
-    resume: str | None
-    no_resume: bool
-    finetune: str | None
-    eval_only: bool
-    accum_steps: int
-    amp: str | None
-    grad_ckpt: bool
-    compile: bool
-    workers: int
-    seed: int
-    log_every: int
+    # evaluation
     eval_results: str | None
     save_predictions: str | None
     visualize: int

@@ -442,8 +442,9 @@ def get_args_parser():
 
 
 @dataclass(frozen=True)
-class SegConfig:
-    """Every setting of a run, resolved once from the flags, the paper's recipe and the demo (`resolve`)."""
+class SegConfig(engine.RunSettings):
+    """Every setting of a run (those of the shared run flags in `engine.RunSettings`), resolved once from
+    the flags, the paper's recipe and the demo (`resolve`)."""
     # backbone
     model: str
     patch: int
@@ -471,19 +472,7 @@ class SegConfig:
     aux_weight: float
     eval_every: int
     save_every: int
-    # run
-    output: str
-    resume: str | None
-    no_resume: bool
-    finetune: str | None
-    eval_only: bool
-    accum_steps: int
-    amp: str | None
-    grad_ckpt: bool
-    compile: bool
-    workers: int
-    seed: int
-    log_every: int
+    # evaluation
     save_predictions: str | None
     visualize: int
 

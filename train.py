@@ -152,8 +152,9 @@ def get_args_parser():
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a run, resolved once from the flags, the recipe and the demo (`resolve`)."""
+class TrainConfig(engine.RunSettings):
+    """Every setting of a run (those of the shared run flags in `engine.RunSettings`), resolved once from
+    the flags, the recipe and the demo (`resolve`)."""
     # model
     model: str
     patch: int
@@ -198,20 +199,8 @@ class TrainConfig:
     ema: bool
     ema_decay: float
     # run
-    output: str
-    resume: str | None
-    no_resume: bool
-    finetune: str | None
-    eval_only: bool
-    accum_steps: int
     save_every: int
-    amp: str | None
-    grad_ckpt: bool
-    compile: bool
     fsdp: bool
-    workers: int
-    seed: int
-    log_every: int
     benchmark: bool
     benchmark_steps: int
 

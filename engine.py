@@ -37,6 +37,9 @@ class Run:
     world: int = 1
     device: torch.device = torch.device("cpu")
     amp: str = "off"              # "bf16", "fp16" or "off", resolved from --amp and the device
+    replica: int = 0              # data parallelism: which copy of the model this rank's images feed,
+    replicas: int = 1             # and how many there are (the world over --context-parallel)
+    context_group: object = None  # the ranks that share each image's tokens (None: whole images)
     micro_batch: int = 0          # images per process per forward pass
     start: int = 0                # iterations (or optimiser steps) already done when the run started
     steps_per_epoch: int = 0
@@ -45,6 +48,12 @@ class Run:
     @property
     def is_main(self):
         return self.rank == 0
+
+    @property
+    def counts_its_images(self):
+        """Whether this rank's results count: one rank of each context-parallel group, every rank
+        without context parallelism (the ranks of a group all compute the same logits)."""
+        return self.context_group is None or dist.get_rank(self.context_group) == 0
 
     @property
     def amp_dtype(self):
@@ -58,7 +67,7 @@ class Run:
         return torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
 
     def as_dict(self):
-        return dict(rank=self.rank, world=self.world, device=str(self.device), amp=self.amp,
+        return dict(rank=self.rank, world=self.world, replicas=self.replicas, device=str(self.device), amp=self.amp,
                     micro_batch=self.micro_batch, start=self.start, steps_per_epoch=self.steps_per_epoch)
 
 
@@ -74,7 +83,25 @@ def setup(amp=None):
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(world), rank=rank,
                                 world_size=world, device_id=device if device.type == "cuda" else None)
-    return Run(rank=rank, world=world, device=device, amp=amp or ("bf16" if device.type == "cuda" else "off"))
+    return Run(rank=rank, world=world, replica=rank, replicas=world, device=device,
+               amp=amp or ("bf16" if device.type == "cuda" else "off"))
+
+
+def context_parallel(run, size, script):
+    """Split the world into a 2-D mesh, data parallel x context parallel (`size` consecutive ranks
+    share each image), and set the run's replica, replicas and context group."""
+    if size == 1:
+        return run
+    if not dist.is_initialized():
+        raise SystemExit(f"{script}: --context-parallel {size} splits each image over {size} processes: "
+                         f"launch with torchrun --nproc_per_node N (N a multiple of {size})")
+    if run.world % size:
+        raise SystemExit(f"{script}: --context-parallel {size} must divide the {run.world} processes")
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(run.device.type, (run.world // size, size), mesh_dim_names=("data", "context"))
+    run.replica, run.replicas = mesh.get_local_rank("data"), run.world // size
+    run.context_group = mesh.get_group("context")
+    return run
 
 
 def attempt_store(world):
@@ -98,10 +125,10 @@ def micro_batch(global_batch, run, accum_steps=1):
     """Images per process per forward pass; --batch-size is the global batch, as in the paper."""
     if accum_steps < 1 or global_batch < 1:
         raise SystemExit(f"--batch-size {global_batch} and --accum-steps {accum_steps} must be at least 1")
-    if global_batch % (run.world * accum_steps):
-        raise SystemExit(f"--batch-size {global_batch} (global) must divide by the {run.world} processes x "
-                         f"{accum_steps} accumulation steps")
-    return global_batch // (run.world * accum_steps)
+    if global_batch % (run.replicas * accum_steps):
+        raise SystemExit(f"--batch-size {global_batch} (global) must divide by the {run.replicas} data-parallel "
+                         f"processes x {accum_steps} accumulation steps")
+    return global_batch // (run.replicas * accum_steps)
 
 
 def derive_seed(*keys):
@@ -141,7 +168,9 @@ def data_parallel(model, run):
     if run.world == 1:
         return model
     device_ids = [run.device.index] if run.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # with context parallelism the CLS token has no gradient on the ranks that do not hold it
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                               find_unused_parameters=run.context_group is not None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,14 +24,16 @@ import warnings
 from dataclasses import dataclass, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 __all__ = [
     "ModelConfig", "create_model", "list_models", "load_checkpoint", "backends",
     "DeiT", "Adventurer", "DecoderFreeHead", "ssd_chunked", "ssd_recurrent",
     "resample_pos_embed", "resample_patch_embed", "kernel_batch_limit", "TorchShape", "torch_shape",
+    "ssd_final_state", "SequenceShards",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +363,125 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256, block_size=None, initial_state=N
     return (y, state.reshape(b, h, p, n)) if return_final_state else y
 
 
+def ssd_final_state(x, dt, A, B):
+    """The state after a stretch scanned from a zero state, and the stretch's total log-decay.
+
+    The SSD is affine in its starting state: after the stretch, S_out = exp(log_decay) * S_in + state.
+    Here state = sum_t exp(a_{t+1} + ... + a_l) dt_t x_t B_t^T with a_t = dt_t A, in one contraction
+    (what steps 2 and 3 of the chunk scan compute, without any output). Arguments as in
+    `ssd_recurrent`; returns state (b, h, p, n) and log_decay (b, h).
+    """
+    dtype = _compute_dtype(x)
+    x, dt, A, B = (t.to(dtype) for t in (x, dt, A, B))
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    a = dt * A                                                         # (b, l, h): log-decay per step
+    # a_{t+1} + ... + a_l, summed from the end: no difference of large sums
+    after = F.pad(a.flip(1).cumsum(1).flip(1)[:, 1:], (0, 0, 0, 1))   # (b, l, h)
+    weighted = (x * (dt * torch.exp(after))[..., None]).view(b, l, g, h // g, p)
+    state = torch.einsum("blgep,blgn->bgepn", weighted, B)             # (b, g, h/g, p, n)
+    return state.reshape(b, h, p, n), a.sum(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Context parallelism: one image's tokens shared by the ranks of a process group.
+#
+# Each rank holds one contiguous stretch of the patch tokens in raster order, the stretches as
+# equal as the length allows; the CLS token stays with the rank at its end of the sequence (the
+# first rank for DeiT, the last for Adventurer). Tokenizer, norms and MLPs work per token and run
+# on the stretch alone. Two token mixers need the other ranks:
+#   * Mamba-2: the scan is affine in its starting state, S_out = a * S_in + S_ext. Each rank finds
+#     its stretch's (S_ext, log a) from a zero state, the ranks all-gather them (a few numbers per
+#     head, whatever the length), and each rank scans its stretch from its true starting state,
+#     an exclusive scan over the ranks before it. The causal conv takes the previous stretch's last
+#     d_conv - 1 inputs (the halo), the mean token is a sum over every rank's tokens.
+#   * Attention: an all-to-all trades tokens for heads (DeepSpeed-Ulysses), each rank attends over
+#     the whole sequence with its share of the heads, and a second all-to-all trades back.
+# The exchanges are autograd functions: the backward of an all-gather sums each piece's gradient
+# over the ranks (an all-reduce), that of an all-to-all is the all-to-all back. Every rank runs the
+# backward of every exchange, in the same order, so every rank uses part of every gathered tensor.
+
+
+@dataclass(frozen=True)
+class SequenceShards:
+    """How `length` patch tokens are split over the `size` ranks of `group`: contiguous stretches
+    in raster order, the first `length % size` ranks one token longer; `rank` is this rank's."""
+    group: object
+    rank: int
+    size: int
+    length: int
+
+    def bounds(self, rank=None):
+        """[start, stop) of a rank's stretch (this rank's by default)."""
+        rank = self.rank if rank is None else rank
+        base, extra = divmod(self.length, self.size)
+        start = rank * base + min(rank, extra)
+        return start, start + base + (rank < extra)
+
+    def lengths(self, cls_rank):
+        """Every rank's number of tokens, the CLS token counted on `cls_rank`."""
+        stretches = map(self.bounds, range(self.size))
+        return [stop - start + (rank == cls_rank) for rank, (start, stop) in enumerate(stretches)]
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's x, stacked by rank: (size, *x.shape)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(pieces, x, group=group)
+        return torch.stack(pieces)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)       # every rank's gradient for every piece
+        return grad[dist.get_rank(ctx.group)], None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Piece i of x (its first dimension, one piece per rank) goes to rank i; returns the pieces
+    received, stacked by sender."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return out, None
+
+
+def _carried_state(states, log_decays, place):
+    """The state entering the stretch at `place` in the scan: sum over the earlier stretches j of
+    exp(log-decay of the stretches between j and place) * S_ext_j. states (size, b, h, p, n) and
+    log_decays (size, b, h) are in scan order; the later stretches get weight exp(-inf) = 0, so
+    that every rank, the first too, takes part in the gradient of both exchanges."""
+    j = torch.arange(states.shape[0], device=states.device)
+    between = ((j[None, :] > j[:, None]) & (j[None, :] < place)).to(log_decays.dtype)   # [j, k]
+    log_weight = torch.einsum("jk,kbh->jbh", between, log_decays)
+    log_weight = log_weight.masked_fill((j >= place)[:, None, None], -torch.inf)
+    return (torch.exp(log_weight)[..., None, None] * states).sum(0)
+
+
+def _gather_sequence(x, shards, cls_rank):
+    """This rank's stretch [B, n_r (+ CLS), D] -> the whole sequence [B, N + 1, D] on every rank."""
+    lengths = shards.lengths(cls_rank)
+    padded = F.pad(x, (0, 0, 0, max(lengths) - x.shape[1]))
+    every = _AllGather.apply(padded, shards.group)                    # (size, B, longest, D)
+    return torch.cat([every[r, :, :length] for r, length in enumerate(lengths)], dim=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Layers
 
@@ -441,7 +562,13 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
         self.last_path = "not run yet"
 
-    def forward(self, u):  # u [b, l, dim]
+    def forward(self, u, history=None, state=None):  # u [b, l, dim]
+        """`history` (b, d_conv - 1, dim), the mixer inputs just before u, and `state` (b, h, p, n),
+        the SSD state after them, continue a longer sequence (context parallelism); that takes
+        the PyTorch path: the fused kernel ends in the norm and out_proj and starts from zeros."""
+        if history is not None or state is not None:
+            self.last_path = "torch_chunked_ssd"
+            return self._torch(u, history, state)
         self.last_path = self.kernel_path(u)
         if self.last_path == "mamba_ssm_fused":
             return self._fused(self.in_proj(u))
@@ -505,7 +632,7 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y.to(u.dtype))
 
-    def _torch(self, u):
+    def _torch(self, u, history=None, state=None):
         """The whole mixer, block by block of the device's `TorchShape` (1,024 tokens on a CPU,
         16,384 on an accelerator), each block handing the next its last conv inputs and its SSD
         state. Every temporary is block-sized, so the cost per token stays flat at any length.
@@ -514,9 +641,8 @@ class Mamba2Mixer(nn.Module):
         sequences skip the recompute: their activations are small and its per-operation overhead
         would dominate."""
         shape = torch_shape(u.device)
-        recompute = (torch.is_grad_enabled() and u.shape[1] >= shape.recompute_from
-                     and (u.requires_grad or self.in_proj.weight.requires_grad))
-        conv_tail = state = None                  # zeros: nothing before the first token
+        recompute = self._recomputes(u, shape)
+        conv_tail = None if history is None else self._conv_inputs(history)  # None: zeros
         outputs = []
         for block in u.split(shape.block, dim=1):
             if recompute:
@@ -526,6 +652,56 @@ class Mamba2Mixer(nn.Module):
                 out, conv_tail, state = self._mix_block(block, conv_tail, state, shape)
             outputs.append(out)
         return torch.cat(outputs, dim=1)
+
+    def _recomputes(self, u, shape):
+        """Whether the blocks of u are recomputed in the backward pass instead of kept."""
+        return (torch.is_grad_enabled() and u.shape[1] >= shape.recompute_from
+                and (u.requires_grad or self.in_proj.weight.requires_grad))
+
+    def _conv_inputs(self, u):
+        """The causal conv's inputs (x, B and C before the conv) of the tokens u."""
+        return self.in_proj(u)[..., self.d_inner:self.d_inner + self.conv_dim]
+
+    def final_state(self, u, history=None):
+        """The SSD state after u from a zero state, and the total log-decay over u (b, h): what a
+        rank contributes to the exchange of context parallelism (`ssd_final_state`). Block by
+        block as `_torch`, but with only the in_proj rows and conv channels that feed the state
+        (x, B and dt; z and C only shape outputs)."""
+        shape = torch_shape(u.device)
+        recompute = self._recomputes(u, shape)
+        conv_tail = None
+        if history is not None:        # the conv inputs of x and B only
+            conv_tail = self._conv_inputs(history)[..., :self.d_inner + self.ngroups * self.d_state]
+        state = log_decay = None
+        for block in u.split(shape.block, dim=1):
+            if recompute:
+                added, decay, conv_tail = checkpoint(self._state_block, block, conv_tail, use_reentrant=False)
+            else:
+                added, decay, conv_tail = self._state_block(block, conv_tail)
+            state = added if state is None else torch.exp(decay)[..., None, None] * state + added
+            log_decay = decay if log_decay is None else log_decay + decay
+        return state, log_decay
+
+    def _state_block(self, u, conv_tail):
+        """One block's (state from zeros, log-decay, last conv inputs of x and B)."""
+        b, l, _ = u.shape
+        g, n, h, p = self.ngroups, self.d_state, self.nheads, self.headdim
+        channels = self.d_inner + g * n                                   # x and B
+        xB = F.linear(u, self.in_proj.weight[self.d_inner:self.d_inner + channels])
+        dt = F.linear(u, self.in_proj.weight[-h:])
+        history = self.conv1d.kernel_size[0] - 1
+        if conv_tail is None:
+            conv_tail = xB.new_zeros(b, history, channels)
+        xB = torch.cat([conv_tail, xB], dim=1)
+        conv_tail = xB[:, xB.shape[1] - history:].clone()
+        xB = F.conv1d(xB.transpose(1, 2), self.conv1d.weight[:channels], self.conv1d.bias[:channels],
+                      groups=channels)
+        x, B = F.silu(xB.transpose(1, 2)).split([self.d_inner, g * n], dim=-1)
+        dtype = _compute_dtype(x)
+        dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
+        state, log_decay = ssd_final_state(x.reshape(b, l, h, p), dt, -torch.exp(self.A_log.to(dtype)),
+                                           B.reshape(b, l, g, n))
+        return state, log_decay, conv_tail
 
     def _mix_block(self, u, conv_tail, state, shape):
         """One block of tokens, continuing from the previous block's last d_conv - 1 conv inputs
@@ -597,14 +773,51 @@ class AdventurerBlock(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden)
         self.norm_mlp = RMSNorm(dim)
 
-    def forward(self, x):  # x [B, N+1, D], CLS last
+    def forward(self, x, shards=None):  # x [B, N+1, D], CLS last; with shards, this rank's stretch
         t = self.norm(x)
+        t = self._mix(t) if shards is None else self._mix_sharded(t, shards)
+        x = x + self.drop_path(t)
+        return x + self.drop_path(self.mlp(self.norm_mlp(x)))
+
+    def _mix(self, t):
         t = _flip_patches(t) if self.flip else t
         t = torch.cat([t.mean(dim=1, keepdim=True), t], dim=1)
         t = self.mixer(t)[:, 1:]
-        t = _flip_patches(t) if self.flip else t
-        x = x + self.drop_path(t)
-        return x + self.drop_path(self.mlp(self.norm_mlp(x)))
+        return _flip_patches(t) if self.flip else t
+
+    def _mix_sharded(self, t, shards):
+        """`_mix` of a sequence whose patch tokens are split over the ranks of `shards`: t is this
+        rank's stretch, with CLS on the last rank. In the order of the scan (the ranks reversed in
+        a flip block) each stretch continues the one before it: the mean token starts the first
+        one, and CLS, last in both orders, is scanned by its own rank after every stretch."""
+        has_cls = shards.rank == shards.size - 1
+        patches = t[:, :-1] if has_cls else t
+        place = shards.size - 1 - shards.rank if self.flip else shards.rank       # in the scan
+        scan = patches.flip(1) if self.flip else patches
+        halo = self.mixer.conv1d.kernel_size[0] - 1
+        # exchange 1: each rank's token sum (for the mean token) and last scan inputs (the conv halo)
+        mine = torch.cat([t.sum(1, keepdim=True), scan[:, scan.shape[1] - halo:]], dim=1)
+        every = _AllGather.apply(mine, shards.group)                    # (size, B, 1 + halo, D)
+        every = every.flip(0) if self.flip else every                   # in scan order
+        tails = every[:, :, 1:]
+        if place == 0:
+            mean = every[:, :, :1].sum(0) / (shards.length + 1)         # over every token and CLS
+            scan, history = torch.cat([mean, scan], dim=1), None
+        else:
+            history = tails[place - 1]
+        # exchange 2: what each stretch adds to the state from a zero start, and its decay
+        state, log_decay = self.mixer.final_state(scan, history)
+        states = _AllGather.apply(state, shards.group)                  # (size, B, h, p, n)
+        log_decays = _AllGather.apply(log_decay, shards.group)          # (size, B, h)
+        if self.flip:
+            states, log_decays = states.flip(0), log_decays.flip(0)
+        out = self.mixer(scan, history, _carried_state(states, log_decays, place))
+        out = out[:, 1:] if place == 0 else out
+        out = out.flip(1) if self.flip else out
+        if has_cls:
+            cls = self.mixer(t[:, -1:], tails[-1], _carried_state(states, log_decays, shards.size))
+            out = torch.cat([out, cls], dim=1)
+        return out
 
 
 class Attention(nn.Module):
@@ -617,16 +830,36 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.last_path = "not run yet"
 
-    def forward(self, x):
+    def forward(self, x, shards=None):
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads)
+        out = self._attend(qkv) if shards is None else self._attend_sharded(qkv, shards)
+        return self.proj(out.reshape(b, n, d))
+
+    def _attend(self, qkv):  # (b, n, 3, heads, head_dim) -> (b, n, heads, head_dim)
         self.last_path = self.kernel_path(qkv)
         if self.last_path == "flash_attn":  # FlashAttention takes (b, n, heads, head_dim)
-            out = _flash_attn_func()(*qkv.unbind(2))
-        else:          # SDPA takes (b, heads, n, head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        return self.proj(out.reshape(b, n, d))
+            return _flash_attn_func()(*qkv.unbind(2))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)       # SDPA takes (b, heads, n, head_dim)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    def _attend_sharded(self, qkv, shards):
+        """Attention over a sequence split over the ranks of `shards` (CLS on the first rank): an
+        all-to-all gives each rank every token for its share of the heads, and one back gives
+        each rank its own tokens for every head. Stretches are padded to the longest for the
+        exchange and the padding dropped before attending."""
+        b, n, _, heads, head_dim = qkv.shape
+        size = shards.size
+        lengths = shards.lengths(cls_rank=0)
+        longest = max(lengths)
+        send = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, longest - n)).view(b, longest, 3, size, heads // size, head_dim)
+        got = _AllToAll.apply(send.permute(3, 0, 1, 2, 4, 5), shards.group)   # (size, b, longest, 3, heads/size, hd)
+        whole = torch.cat([got[r, :, :length] for r, length in enumerate(lengths)], dim=1)
+        out = self._attend(whole)                                        # (b, N + 1, heads/size, hd)
+        send = torch.stack([F.pad(piece, (0, 0, 0, 0, 0, longest - piece.shape[1]))
+                            for piece in out.split(lengths, dim=1)])     # (size, b, longest, heads/size, hd)
+        back = _AllToAll.apply(send, shards.group)                       # by head group
+        return back[:, :, :n].permute(1, 2, 0, 3, 4).reshape(b, n, heads, head_dim)
 
     def kernel_path(self, qkv):
         """FlashAttention on CUDA in half precision where it imports, SDPA everywhere else."""
@@ -658,8 +891,8 @@ class DeiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, mlp_hidden)
 
-    def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x, shards=None):
+        x = x + self.drop_path(self.attn(self.norm1(x), shards))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -840,6 +1073,7 @@ class PatchModel(nn.Module):
         self.num_prefix_tokens = 1
         self.cls_index = 0 if self.cls_first else -1
         self.grad_checkpointing = False
+        self.context_group = None
         self.pretrained_cfg = dict(
             input_size=(cfg.in_chans, cfg.res, cfg.res), num_classes=cfg.num_classes,
             mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic",
@@ -893,6 +1127,32 @@ class PatchModel(nn.Module):
             block.compile(**kwargs)
         return self
 
+    def set_context_parallel(self, group):
+        """Share each image's tokens among the ranks of `group`, a torch.distributed process group
+        (None: every rank holds whole images, the default). Every rank of the group passes the
+        same images; each tokenizes and keeps one stretch of the sequence, and the mixers exchange
+        what they need (see "Context parallelism" above). `forward` and `forward_head` return the
+        whole result on every rank; `forward_features` returns this rank's stretch; `forward_dense`
+        gathers the whole map onto every rank.
+
+        Gradients: every rank computes the same loss, and each rank's parameter gradients come out
+        as `size` times its share, so that averaging over all ranks (DDP over the world does) gives
+        the one-device gradient. Drop path must draw the same masks on the ranks of a group."""
+        if group is not None:
+            size = dist.get_world_size(group)
+            heads = getattr(self.cfg, "num_heads", None)
+            if isinstance(self, DeiT) and heads % size:
+                raise ValueError(f"context parallelism over {size} ranks needs the attention heads "
+                                 f"({heads}) to divide evenly among them")
+        self.context_group = group
+        if group is not None:
+            try:       # the configured input must split: each rank needs enough tokens
+                self._shards((self.grid_size * self.extend) ** 2)
+            except ValueError:
+                self.context_group = None
+                raise
+        return self
+
     def reset_classifier(self, num_classes):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -901,32 +1161,61 @@ class PatchModel(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def _tokens(self, images):
-        """Images -> [B, N+1, D] tokens with position embeddings, and the token grid (h, w)."""
+        """Images -> [B, N+1, D] tokens with position embeddings, the token grid (h, w), and the
+        `SequenceShards` (None on one device). With context parallelism the tokens are this
+        rank's stretch (with CLS on its rank), and only the image rows under it are tokenized."""
         c, p = self.cfg.in_chans, self.patch_size
         if images.dim() != 4 or images.shape[1] != c:
             raise ValueError(f"expected images of shape [B, {c}, H, W], got {tuple(images.shape)}")
         if images.shape[2] % p or images.shape[3] % p:
             raise ValueError(f"H and W must be multiples of the patch size {p}, got "
                              f"{images.shape[2]}x{images.shape[3]}")
-        x = self.patch_embed(images)                          # [B, D, H/p, W/p]
+        grid = (images.shape[2] // p * self.extend, images.shape[3] // p * self.extend)
+        shards = self._shards(grid[0] * grid[1])
+        start, stop = (0, grid[0] * grid[1]) if shards is None else shards.bounds()
         if self.extend > 1:  # interpolate tokens: a longer sequence with no new information
-            x = F.interpolate(x, scale_factor=self.extend, mode="bilinear", align_corners=False)
-        grid = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)                      # [B, N, D], raster order
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x] if self.cls_first else [x, cls], dim=1)
-        return x + resample_pos_embed(self.pos_embed, grid, self.cls_first), grid
+            x = F.interpolate(self.patch_embed(images), scale_factor=self.extend, mode="bilinear",
+                              align_corners=False).flatten(2).transpose(1, 2)[:, start:stop]
+        else:                # the image rows that hold this stretch's tokens
+            first, end = start // grid[1], -(-stop // grid[1])
+            x = self.patch_embed(images[:, :, first * p:end * p])  # [B, D, rows, W/p]
+            x = x.flatten(2).transpose(1, 2)[:, start - first * grid[1]:stop - first * grid[1]]
+        pos = resample_pos_embed(self.pos_embed, grid, self.cls_first)
+        pos_patches, pos_cls = (pos[:, 1:], pos[:, :1]) if self.cls_first else (pos[:, :-1], pos[:, -1:])
+        x = x + pos_patches[:, start:stop]                    # [B, stop - start, D], raster order
+        if shards is None or shards.rank == self._cls_rank(shards):
+            cls = (self.cls_token + pos_cls).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x] if self.cls_first else [x, cls], dim=1)
+        return x, grid, shards
 
-    def _run_blocks(self, x, keep=()):
+    def _shards(self, length):
+        """How this rank's group splits a sequence of `length` patch tokens (None on one device)."""
+        if self.context_group is None:
+            return None
+        shards = SequenceShards(self.context_group, dist.get_rank(self.context_group),
+                                dist.get_world_size(self.context_group), length)
+        # each Mamba-2 stretch must hold the conv's whole halo, so that it comes from one rank
+        least = self.cfg.d_conv - 1 if isinstance(self, Adventurer) else 1
+        if length // shards.size < least:
+            raise ValueError(f"{length} tokens cannot be split over {shards.size} ranks: each rank needs "
+                             f"at least {least} (a larger image or a smaller patch, or fewer ranks)")
+        return shards
+
+    def _cls_rank(self, shards):
+        return 0 if self.cls_first else shards.size - 1
+
+    def _run_blocks(self, x, keep=(), shards=None):
         """Run the blocks; return the last output and the outputs of the block indices in keep.
         Stops after the last block that is needed."""
         kept = {}
         last = max(keep) if keep else len(self.blocks) - 1
         for i, block in enumerate(self.blocks[:last + 1]):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                # a recompute that stopped early could skip an exchange that the other ranks run
+                with set_checkpoint_early_stop(shards is None):
+                    x = checkpoint(block, x, shards, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, shards)
             if i in keep:
                 kept[i] = x
         return x, kept
@@ -937,13 +1226,17 @@ class PatchModel(nn.Module):
         return patches.transpose(1, 2).unflatten(2, tuple(grid))
 
     def forward_features(self, images):
-        """[B, N+1, D] tokens after the final norm, CLS first (DeiT) or last (Adventurer)."""
-        x, _ = self._tokens(images)
-        x, _ = self._run_blocks(x)
+        """[B, N+1, D] tokens after the final norm, CLS first (DeiT) or last (Adventurer); with
+        context parallelism, this rank's stretch."""
+        x, _, shards = self._tokens(images)
+        x, _ = self._run_blocks(x, shards=shards)
         return self.final_norm(x)
 
     def forward_head(self, tokens, pre_logits=False):
         cls = tokens[:, self.cls_index]
+        if self.context_group is not None:   # CLS is on one rank; every rank takes it from there
+            owner = 0 if self.cls_first else dist.get_world_size(self.context_group) - 1
+            cls = _AllGather.apply(cls, self.context_group)[owner]
         return cls if pre_logits else self.head(cls)
 
     def forward(self, images):
@@ -955,16 +1248,17 @@ class PatchModel(nn.Module):
         layers=None: the final-normed tokens. A list of block indices (negative ones count from
         the end): the residual stream after each of those blocks, as a list of maps, for heads
         that fuse several depths (UperNet, detection pyramids)."""
-        x, grid = self._tokens(images)
+        x, grid, shards = self._tokens(images)
+        whole = (lambda t: t) if shards is None else (lambda t: _gather_sequence(t, shards, self._cls_rank(shards)))
         if layers is None:
-            x, _ = self._run_blocks(x)
-            return self._to_map(self.final_norm(x), grid)
+            x, _ = self._run_blocks(x, shards=shards)
+            return self._to_map(whole(self.final_norm(x)), grid)
         depth = len(self.blocks)
         if any(not -depth <= i < depth for i in layers):
             raise ValueError(f"layers must be block indices in [-{depth}, {depth}), got {list(layers)}")
         wanted = [i % depth for i in layers]
-        _, kept = self._run_blocks(x, keep=set(wanted))
-        return [self._to_map(kept[i], grid) for i in wanted]
+        _, kept = self._run_blocks(x, keep=set(wanted), shards=shards)
+        return [self._to_map(whole(kept[i]), grid) for i in wanted]
 
 
 class DeiT(PatchModel):

@@ -146,6 +146,9 @@ def get_args_parser():
                    help="checkpoint every N optimiser steps, besides the end of every epoch (default 0: epoch "
                         "ends only)")
     g.add_argument("--fsdp", action="store_true", help="shard parameters (FSDP2) for Large/Huge")
+    g.add_argument("--context-parallel", type=int, default=1,
+                   help="processes that share each image's tokens (a 2-D mesh: data parallel x context "
+                        "parallel, consecutive ranks per image); for inputs one GPU cannot hold")
     g.add_argument("--benchmark", action="store_true", help="time training steps on synthetic input")
     g.add_argument("--benchmark-steps", type=int, default=10, help="timed steps after 3 warm-up steps")
     return p
@@ -201,6 +204,7 @@ class TrainConfig(engine.RunSettings):
     # run
     save_every: int
     fsdp: bool
+    context_parallel: int
     benchmark: bool
     benchmark_steps: int
 
@@ -225,6 +229,10 @@ def resolve(args):
         engine.flag_error("train.py", f"--res {s['res']} must be a multiple of --patch {s['patch']}")
     if data == "folder" and not s["data_path"] and not s["benchmark"]:
         engine.flag_error("train.py", "--data folder needs --data-path")
+    if s["context_parallel"] < 1:
+        engine.flag_error("train.py", f"--context-parallel {s['context_parallel']} must be at least 1")
+    if s["context_parallel"] > 1 and (s["fsdp"] or s["benchmark"]):
+        engine.flag_error("train.py", "--context-parallel runs with DDP, not with --fsdp or --benchmark")
     s["output"] = s["output"] or os.path.join("runs", f"{model}_p{s['patch']}_{s['res']}_{name}")
     s["peak_lr"] = s["lr"] if s["unscale_lr"] else s["lr"] * s["batch_size"] / 512
     return engine.settings_of(TrainConfig, s)
@@ -382,17 +390,19 @@ def build_loaders(cfg, run):
     loader_kw = dict(num_workers=cfg.workers, collate_fn=collate_skipping, pin_memory=torch.cuda.is_available())
     *base_train, base_val = load_base_datasets(cfg, ("val",) if cfg.eval_only else ("train", "val"))
     val_set = Images(base_val, eval_transform(cfg))
-    val = DataLoader(val_set, batch_size=run.micro_batch, sampler=engine.Shard(len(val_set), run.rank, run.world),
-                     **loader_kw)
+    val = DataLoader(val_set, batch_size=run.micro_batch,
+                     sampler=engine.Shard(len(val_set), run.replica, run.replicas), **loader_kw)
     if cfg.eval_only:
         return None, val, len(base_val.classes)
-    train_set = Images(base_train[0], train_transform(cfg), cfg.seed, run.rank)
+    # the ranks of a context-parallel group read, augment and draw the same images
+    train_set = Images(base_train[0], train_transform(cfg), cfg.seed, run.replica)
     if cfg.repeated_aug:  # each image 3x per epoch, differently augmented (DeiT's RASampler)
         from timm.data.distributed_sampler import RepeatAugSampler
-        inner = RepeatAugSampler(train_set, num_replicas=run.world, rank=run.rank, shuffle=True,
-                                 selected_round=256 if len(train_set) >= 256 * run.world else 0)
+        inner = RepeatAugSampler(train_set, num_replicas=run.replicas, rank=run.replica, shuffle=True,
+                                 selected_round=256 if len(train_set) >= 256 * run.replicas else 0)
     else:
-        inner = torch.utils.data.DistributedSampler(train_set, run.world, run.rank, shuffle=True, seed=cfg.seed)
+        inner = torch.utils.data.DistributedSampler(train_set, run.replicas, run.replica, shuffle=True,
+                                                    seed=cfg.seed)
     train = DataLoader(train_set, batch_size=run.micro_batch, sampler=EpochOrder(inner), drop_last=True, **loader_kw)
     return train, val, len(base_val.classes)
 
@@ -459,7 +469,7 @@ def evaluate(model, loader, cfg, run):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with run.autocast():
             logits = model(images).float()
-        if batch is None:
+        if batch is None or not run.counts_its_images:
             continue
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
@@ -508,7 +518,7 @@ def train_one_epoch(epoch, start_step, model, loader, optimizer, scaler, ema, mi
             if mixup is not None and len(images) % 2:  # mixup pairs images: keep an even batch
                 images, labels = images[:-1], labels[:-1]
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            engine.seed_everything(cfg.seed, epoch, step, micro, run.rank)  # mixup and drop-path draws
+            engine.seed_everything(cfg.seed, epoch, step, micro, run.replica)  # mixup and drop-path draws
             if mixup is not None:
                 images, labels = mixup(images, labels)
             with engine.gradient_sync(model, micro == cfg.accum_steps - 1):
@@ -527,12 +537,13 @@ def train_one_epoch(epoch, start_step, model, loader, optimizer, scaler, ema, mi
         if step % cfg.log_every == 0 or last or save_due:
             engine.check_finite(step_loss, f"epoch {epoch}, step {step}", cfg.output)
             bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}",
-                            img_s=f"{totals['images'] * run.world / (time.perf_counter() - start_time):.1f}")
+                            img_s=f"{totals['images'] * run.replicas / (time.perf_counter() - start_time):.1f}")
         if save_due and not last:
             save(cfg, run, model, optimizer, scaler, ema, epoch=epoch, step=step + 1, best_top1=best)
     seconds = time.perf_counter() - start_time
+    counted = run.counts_its_images   # a context-parallel group's images once
     loss, steps, images, skipped = engine.all_reduce(
-        [float(totals["loss"]), totals["steps"], totals["images"], totals["skipped"]], device)
+        [float(totals["loss"]), totals["steps"], totals["images"] * counted, totals["skipped"] * counted], device)
     return dict(train_loss=loss / max(steps, 1), lr=lr, epoch_time=seconds, images_per_s=images / seconds,
                 train_skipped=int(skipped))
 
@@ -567,6 +578,7 @@ def main(cfg):
     run = engine.setup(cfg.amp)
     if cfg.benchmark:
         return benchmark(cfg, run)
+    engine.context_parallel(run, cfg.context_parallel, "train.py")
     if cfg.fsdp and not dist.is_initialized():
         raise SystemExit("--fsdp shards over processes: launch with torchrun")
     if cfg.ema and cfg.fsdp:
@@ -595,6 +607,10 @@ def main(cfg):
         except (KeyError, ValueError) as e:
             raise SystemExit(f"{init}: {e}") from None
     model.set_grad_checkpointing(cfg.grad_ckpt)
+    try:
+        model.set_context_parallel(run.context_group)
+    except ValueError as e:
+        raise SystemExit(f"--context-parallel {cfg.context_parallel}: {e}") from None
     model.to(run.device)
     ema = None
     if cfg.ema:
@@ -621,8 +637,10 @@ def main(cfg):
     n_params = sum(p.numel() for p in engine.unwrap(model).parameters())  # DTensors report their full size
     if run.is_main:
         print(f"{cfg.model} patch {cfg.patch} @ {cfg.res}: {(cfg.res // cfg.patch * cfg.extend) ** 2:,} tokens, "
-              f"{n_params / 1e6:.2f} M params | {cfg.recipe} recipe, {run.world} x {cfg.accum_steps} x "
-              f"{run.micro_batch} = {cfg.batch_size} images/step, peak lr {cfg.peak_lr:.2e}")
+              f"{n_params / 1e6:.2f} M params | {cfg.recipe} recipe, {run.replicas} x {cfg.accum_steps} x "
+              f"{run.micro_batch} = {cfg.batch_size} images/step"
+              + (f", each image over {cfg.context_parallel} processes" if cfg.context_parallel > 1 else "")
+              + f", peak lr {cfg.peak_lr:.2e}")
 
     if cfg.eval_only:  # eval.json, so that a training run's results.json in the same folder survives
         metrics = evaluate(model, val_loader, cfg, run)

@@ -268,7 +268,7 @@ def test_extend_interpolates_tokens_without_new_information():
     a, b = 1.0, 5.0
     x = torch.zeros(1, 3, 8, 8)
     x[:, 0, :, :4], x[:, 0, :, 4:] = a, b  # two patch columns: a | b
-    tokens, grid = model._tokens(x)
+    tokens, grid, _ = model._tokens(x)
     assert tuple(grid) == (4, 4) and model.pos_embed.shape[1] == 17
     row = tokens[0, :4, 0]  # first token row (CLS is last)
     # bilinear x2 upsampling of [a, b] with half-pixel centres: [a, 3/4 a + 1/4 b, 1/4 a + 3/4 b, b]

@@ -277,3 +277,28 @@ def test_three_augment_and_seeded_samples():
     assert a[0].shape == (3, 16, 16) and torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
     assert isinstance(ds.transform.one_of[0], transforms.Grayscale)
     assert len(demo_data.DigitsDataset(True)) == 1437 and len(demo_data.DigitsDataset(False)) == 360
+
+
+def test_context_parallel_trains_the_weights_of_one_process(tmp_path):
+    """--context-parallel 2 on 2 processes (each image's 256 pixel tokens split in two) against one process
+    with the same global batch: drop path drawn alike on both ranks, the same weights to float32 rounding."""
+    data = write_image_folder(tmp_path / "data", per_class=(8, 3))
+    common = TINY + ["--patch", "1", "--data-path", data, "--epochs", "2", "--batch-size", "4", "--drop-path", "0.1"]
+    run(common + ["--output", str(tmp_path / "one")], tmp_path)
+    run(common + ["--output", str(tmp_path / "cp"), "--context-parallel", "2"], tmp_path, nproc=2)
+    a, b = final_weights(str(tmp_path / "one")), final_weights(str(tmp_path / "cp"))
+    worst = max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
+    print(f"largest relative difference over the parameters: {worst:.1e}")
+    assert worst < 1e-4
+    one, cp = (json.load(open(tmp_path / name / "results.json")) for name in ("one", "cp"))
+    assert cp["val_images"] == one["val_images"] == 9 and cp["run_state"]["replicas"] == 1
+    assert cp["top1"] == pytest.approx(one["top1"]) and cp["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+
+
+def test_context_parallel_needs_torchrun_and_a_dividing_group(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=(4, 1))
+    common = TINY + ["--data-path", data, "--epochs", "1", "--batch-size", "2", "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="launch with torchrun"):
+        train.main(train.parse_args(common + ["--context-parallel", "2"]))
+    proc = run(common + ["--context-parallel", "3"], tmp_path, nproc=2, check=False)
+    assert proc.returncode != 0 and "--context-parallel 3 must divide the 2 processes" in proc.stderr + proc.stdout

@@ -90,6 +90,8 @@ def setup(amp=None):
 def context_parallel(run, size, script):
     """Split the world into a 2-D mesh, data parallel x context parallel (`size` consecutive ranks
     share each image), and set the run's replica, replicas and context group."""
+    if size < 1:
+        raise SystemExit(f"{script}: --context-parallel {size} must be at least 1")
     if size == 1:
         return run
     if not dist.is_initialized():
@@ -102,6 +104,15 @@ def context_parallel(run, size, script):
     run.replica, run.replicas = mesh.get_local_rank("data"), run.world // size
     run.context_group = mesh.get_group("context")
     return run
+
+
+def share_images(backbone, run, script):
+    """Give a pixelvit backbone the run's context-parallel group (a no-op without one); a model or
+    input that cannot be split over it stops with the reason."""
+    try:
+        backbone.set_context_parallel(run.context_group)
+    except ValueError as e:
+        raise SystemExit(f"{script}: --context-parallel: {e}") from None
 
 
 def attempt_store(world):
@@ -198,6 +209,9 @@ def add_run_args(p, output_help):
     g.add_argument("--seed", type=int, default=0, help="every random draw derives from it")
     g.add_argument("--log-every", type=int, default=20,
                    help="check the loss and update the progress bar every N optimiser steps")
+    g.add_argument("--context-parallel", type=int, default=1,
+                   help="processes that share each image's tokens (a 2-D mesh: data parallel x context "
+                        "parallel, consecutive ranks per image), for inputs one GPU cannot hold; needs torchrun")
     return g
 
 
@@ -228,6 +242,7 @@ class RunSettings:
     workers: int
     seed: int
     log_every: int
+    context_parallel: int
 
 
 MODEL_FLAGS = ("model", "embed_dim", "depth", "num_heads", "d_state")
@@ -536,7 +551,7 @@ def draw_loader(dataset, micro_batch, run, seed, start, workers, collate_fn=None
     """The endless training loader of an iteration-based task: `Draws` from micro-step `start` on."""
     return DataLoader(dataset, batch_size=micro_batch, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=run.device.type == "cuda",
-                      sampler=Draws(len(dataset), micro_batch, run.rank, run.world, seed, start))
+                      sampler=Draws(len(dataset), micro_batch, run.replica, run.replicas, seed, start))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -585,16 +585,19 @@ def lr_factor(it, cfg, iters_per_epoch):
 def detect_and_encode(model, dataset, cfg, run):
     """This rank's share of the validation images through the detector, each image's detections
     encoded as COCO results (masks as RLE) as soon as they are made: what is held grows with the
-    number of detections, not with the images' size."""
+    number of detections, not with the images' size. The ranks of a context-parallel group detect
+    the same images, and one of them keeps the results."""
     detector = engine.unwrap(model).eval()
     results = []
     with_objects = [i for i, image_id in enumerate(dataset.image_ids)
                     if dataset.coco.getAnnIds(imgIds=image_id)] if cfg.visualize else []
     drawn = set(with_objects[:cfg.visualize])   # the first N images that hold objects, whichever rank has them
-    for i in tqdm(range(run.rank, len(dataset), run.world), desc="eval", leave=False, disable=not run.is_main):
+    for i in tqdm(range(run.replica, len(dataset), run.replicas), desc="eval", leave=False, disable=not run.is_main):
         image, target = dataset[i]
         with run.autocast():
             (out,) = detector([image.to(run.device)])
+        if not run.counts_its_images:
+            continue
         out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
         results += to_coco_results(out, target["image_id"], dataset.category_ids, image.shape[-2:])
         if i in drawn:
@@ -626,13 +629,14 @@ def validation_loss(model, dataset, cfg, run):
     training mode, with the backbone in eval mode (no drop path), seeded RoI sampling, no gradients."""
     detector = engine.unwrap(model).train()
     detector.backbone.body.eval()
-    total, indices = 0.0, range(run.rank, len(dataset), run.world)
+    total, indices = 0.0, range(run.replica, len(dataset), run.replicas)
     for i in indices:
         image, target = dataset[i]
         engine.seed_everything(cfg.seed, "val", i)
         with run.autocast():
             total += float(sum(detector([image.to(run.device)], to_device([target], run.device)).values()))
-    total, count = engine.all_reduce([total, len(indices)], run.device)
+    counted = run.counts_its_images   # a context-parallel group's images once
+    total, count = engine.all_reduce([total * counted, len(indices) * counted], run.device)
     detector.eval()
     return total / max(count, 1)
 
@@ -800,7 +804,7 @@ def main(cfg):
     os.makedirs(cfg.output, exist_ok=True)
     if cfg.eval_results:
         return score_results_file(cfg)
-    run = engine.setup(cfg.amp)
+    run = engine.context_parallel(engine.setup(cfg.amp), cfg.context_parallel, "eval_det.py")
     if cfg.demo:
         engine.write_demo_data(run, cfg.data_path, demo_data.write_digit_coco)
     val_set = CocoInstances(cfg.img_dir, cfg.ann_file)
@@ -808,6 +812,7 @@ def main(cfg):
     # build
     engine.seed_everything(cfg.seed, "init")
     model = build(cfg, len(val_set.category_ids), run.device)
+    engine.share_images(model.backbone.body, run, "eval_det.py")   # the pyramid runs on the whole map, gathered
     resume = engine.resume_path(cfg.output, cfg.resume, cfg.no_resume)
     if cfg.eval_only:
         if not resume:
@@ -855,7 +860,7 @@ def main(cfg):
         for micro in range(cfg.accum_steps):
             batch = next(batches)   # first: loading in this process (--workers 0) seeds the flips
             # drop path and RoI sampling: a function of the slice of the global batch, not of how it is split
-            engine.seed_everything(cfg.seed, "step", it, micro * run.world + run.rank)
+            engine.seed_everything(cfg.seed, "step", it, micro * run.replicas + run.replica)
             with engine.gradient_sync(wrapped, micro == cfg.accum_steps - 1):
                 with run.autocast():
                     micro_loss = detection_loss(wrapped, batch, run.device) / cfg.accum_steps

@@ -352,7 +352,8 @@ def predict_slide(model, image, patch, crop=512, stride=341):
 
 @torch.no_grad()
 def evaluate(model, dataset, cfg, run, save_dir=None, visualize=0):
-    """mIoU / mAcc / aAcc and the validation loss over the whole set (each rank a strided share)."""
+    """mIoU / mAcc / aAcc and the validation loss over the whole set (each data-parallel rank a strided
+    share; the ranks of a context-parallel group evaluate the same images, and one of them counts)."""
     model.eval()
     segmenter, device = engine.unwrap(model), run.device
     if dist.is_initialized():  # BatchNorm statistics drift apart per rank without SyncBN: use rank 0's,
@@ -360,7 +361,7 @@ def evaluate(model, dataset, cfg, run, save_dir=None, visualize=0):
             dist.broadcast(buffer, 0)
     metric = SegMetric(dataset.num_classes, device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # summed CE, labelled pixels
-    indices = range(run.rank, len(dataset), run.world)
+    indices = range(run.replica, len(dataset), run.replicas)
     for i in tqdm(indices, desc="eval", leave=False, disable=not run.is_main):
         image, label, stem = dataset.read(i)
         resized = TF.resize(image, list(rescale_size(*label.shape, long_side=4 * cfg.crop, short_side=cfg.crop)),
@@ -369,6 +370,8 @@ def evaluate(model, dataset, cfg, run, save_dir=None, visualize=0):
         with run.autocast():
             logits = (predict_slide(segmenter, x, cfg.patch, cfg.crop, cfg.stride) if cfg.mode == "slide"
                       else predict_whole(segmenter, x, cfg.patch)).float()
+        if not run.counts_its_images:
+            continue
         logits = F.interpolate(logits, label.shape, mode="bilinear", align_corners=False)
         label = label.to(device)
         pred = logits.argmax(1)[0]
@@ -508,6 +511,7 @@ def build(cfg, run):
     backbone = engine.dense_backbone(cfg.model, cfg.patch, cfg.crop, cfg.drop_path, cfg.finetune, cfg.grad_ckpt,
                                      cfg.compile, embed_dim=cfg.embed_dim, depth=cfg.depth, d_state=cfg.d_state,
                                      num_heads=cfg.num_heads)
+    engine.share_images(backbone, run, "eval_seg.py")   # the heads run on the whole map, gathered
     model = Segmenter(backbone, cfg.head, cfg.num_classes, cfg.upernet_channels).to(run.device)
     if run.world > 1 and run.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -539,7 +543,7 @@ def validate(model, val_set, cfg, run):
 
 
 def main(cfg):
-    run = engine.setup(cfg.amp)
+    run = engine.context_parallel(engine.setup(cfg.amp), cfg.context_parallel, "eval_seg.py")
     os.makedirs(cfg.output, exist_ok=True)
     if cfg.demo:
         engine.write_demo_data(run, cfg.data_path, demo_data.write_digit_scenes)
@@ -591,7 +595,7 @@ def main(cfg):
         for micro in range(cfg.accum_steps):
             batch = next(batches)   # first: loading in this process (--workers 0) seeds the augmentation
             # drop path: a function of the slice of the global batch, not of how it is split
-            engine.seed_everything(cfg.seed, "step", it, micro * run.world + run.rank)
+            engine.seed_everything(cfg.seed, "step", it, micro * run.replicas + run.replica)
             with engine.gradient_sync(wrapped, micro == cfg.accum_steps - 1):
                 with run.autocast():
                     micro_loss = segmentation_loss(wrapped, batch, cfg.aux_weight) / cfg.accum_steps

@@ -146,9 +146,6 @@ def get_args_parser():
                    help="checkpoint every N optimiser steps, besides the end of every epoch (default 0: epoch "
                         "ends only)")
     g.add_argument("--fsdp", action="store_true", help="shard parameters (FSDP2) for Large/Huge")
-    g.add_argument("--context-parallel", type=int, default=1,
-                   help="processes that share each image's tokens (a 2-D mesh: data parallel x context "
-                        "parallel, consecutive ranks per image); for inputs one GPU cannot hold")
     g.add_argument("--benchmark", action="store_true", help="time training steps on synthetic input")
     g.add_argument("--benchmark-steps", type=int, default=10, help="timed steps after 3 warm-up steps")
     return p
@@ -204,7 +201,6 @@ class TrainConfig(engine.RunSettings):
     # run
     save_every: int
     fsdp: bool
-    context_parallel: int
     benchmark: bool
     benchmark_steps: int
 
@@ -229,8 +225,6 @@ def resolve(args):
         engine.flag_error("train.py", f"--res {s['res']} must be a multiple of --patch {s['patch']}")
     if data == "folder" and not s["data_path"] and not s["benchmark"]:
         engine.flag_error("train.py", "--data folder needs --data-path")
-    if s["context_parallel"] < 1:
-        engine.flag_error("train.py", f"--context-parallel {s['context_parallel']} must be at least 1")
     if s["context_parallel"] > 1 and (s["fsdp"] or s["benchmark"]):
         engine.flag_error("train.py", "--context-parallel runs with DDP, not with --fsdp or --benchmark")
     s["output"] = s["output"] or os.path.join("runs", f"{model}_p{s['patch']}_{s['res']}_{name}")
@@ -607,10 +601,7 @@ def main(cfg):
         except (KeyError, ValueError) as e:
             raise SystemExit(f"{init}: {e}") from None
     model.set_grad_checkpointing(cfg.grad_ckpt)
-    try:
-        model.set_context_parallel(run.context_group)
-    except ValueError as e:
-        raise SystemExit(f"--context-parallel {cfg.context_parallel}: {e}") from None
+    engine.share_images(model, run, "train.py")
     model.to(run.device)
     ema = None
     if cfg.ema:

@@ -469,7 +469,8 @@ def _carried_state(states, log_decays, place):
     that every rank, the first too, takes part in the gradient of both exchanges."""
     j = torch.arange(states.shape[0], device=states.device)
     between = ((j[None, :] > j[:, None]) & (j[None, :] < place)).to(log_decays.dtype)   # [j, k]
-    log_weight = torch.einsum("jk,kbh->jbh", between, log_decays)
+    # a masked sum, not a matrix product, which autocast would round to bf16
+    log_weight = (between[:, :, None, None] * log_decays[None]).sum(1)     # (size, b, h)
     log_weight = log_weight.masked_fill((j >= place)[:, None, None], -torch.inf)
     return (torch.exp(log_weight)[..., None, None] * states).sum(0)
 

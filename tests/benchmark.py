@@ -26,6 +26,12 @@
    path, counted on the meta device (no GPU needed): on an accelerator each is a kernel launch.
    Goal: in the accelerator shape, patch 1 within 5x the operations of patch 16. DeiT-B at patch 16
    for scale.
+8. `--context-parallel` (section 8): one image's pixel tokens split over 1, 2 and 4 processes (gloo on
+   CPU, NCCL on GPUs), each run under torchrun: saved activation bytes per rank, step time, and bytes
+   each rank sends per training step through the exchanges. CPU: Adventurer-T at 64 px, patch 1 (4,096
+   tokens); GPU: Adventurer-B at 448 px (200,704 tokens), bf16. Then Adventurer-B's saved bytes per
+   token (bf16, --grad-ckpt, measured here at 4,096 tokens) and the largest patch-1 input whose saved
+   activations fit 80 GB GPUs, per number of GPUs sharing an image.
 """
 import argparse
 import glob
@@ -315,6 +321,96 @@ def bench_operations(patches):
     return rows
 
 
+def context_parallel_step(model_name, res, amp, steps):
+    """Run by each rank under torchrun: warmed-up training steps of one image split over every rank;
+    rank 0 prints the row (the largest saved bytes and bytes sent over the ranks, the slowest step)."""
+    import torch.distributed as dist
+    run = engine.setup(amp)
+    group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+    torch.manual_seed(0)
+    model = pv.create_model(model_name, patch=1, res=res, num_classes=10).to(run.device)
+    model.set_context_parallel(group)
+    images = torch.randn(1, 3, res, res, device=run.device)
+    sent = []
+
+    def counted(collective, position):   # the size of the tensor this rank puts into each exchange
+        def call(*args, **kwargs):
+            sent.append(args[position].numel() * args[position].element_size())
+            return collective(*args, **kwargs)
+        return call
+
+    def step():
+        with run.autocast():
+            loss = model(images).float().logsumexp(1).sum()
+        loss.backward()
+
+    step()
+    originals = dist.all_gather, dist.all_to_all_single, dist.all_reduce
+    dist.all_gather, dist.all_to_all_single, dist.all_reduce = (counted(originals[0], 1), counted(originals[1], 1),
+                                                                counted(originals[2], 0))
+    try:
+        saved = engine.saved_activation_bytes(step, model.parameters())
+    finally:
+        dist.all_gather, dist.all_to_all_single, dist.all_reduce = originals
+    synchronize(run.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(run.device)
+    seconds = (time.perf_counter() - start) / steps
+    size = dist.get_world_size() if group else 1
+    worst = engine.all_reduce([saved, sum(sent), seconds], run.device, op=dist.ReduceOp.MAX)
+    if run.is_main:
+        print(ROW_MARK + json.dumps(dict(model=model_name, res=res, context_parallel=size, tokens=res * res,
+                                         tokens_per_rank=res * res // size, saved_mb_per_rank=worst[0] / 2**20,
+                                         step_s=worst[2], sent_kb_per_step_per_rank=worst[1] / 1024)))
+    engine.finish()
+
+
+def bench_context_parallel(device):
+    """Section 8: context parallel 1, 2 and 4, each size a torchrun of this file."""
+    model, res, amp = ("adv_b", 448, "bf16") if device.type == "cuda" else ("adv_t", 64, "off")
+    sizes = [n for n in (1, 2, 4) if device.type != "cuda" or n <= torch.cuda.device_count()]
+    rows = []
+    for size in sizes:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(size), "--master_port",
+                   str(29400 + os.getpid() % 1000 + size), __file__, "--context-parallel-step", model, str(res), amp]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(ROW_MARK)]
+        rows.append(json.loads(lines[0][len(ROW_MARK):]) if lines else
+                    dict(model=model, context_parallel=size, status=f"failed: {proc.stderr.strip()[-300:]}"))
+    base = rows[0].get("saved_mb_per_rank")
+    for row in rows:
+        if base and "saved_mb_per_rank" in row:
+            row["saved_over_one_rank"] = row["saved_mb_per_rank"] / base
+    return rows
+
+
+def largest_inputs(gpu_gb=80, gpus=(1, 2, 4, 8)):
+    """Adventurer-B at patch 1: saved activation bytes per token with bf16 autocast and --grad-ckpt
+    (measured on 4,096 tokens with 2 blocks and scaled to 12; per token and block it does not depend
+    on either), and the largest square input whose saved activations fit `gpu_gb` per GPU, less the
+    weights and AdamW state (16 bytes per parameter), when `gpus` GPUs share each image."""
+    model = pv.create_model("adv_b", patch=1, res=64, num_classes=1000, depth=2)
+    model.set_grad_checkpointing(True)
+    images = torch.randn(1, 3, 64, 64)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(images).float().sum()
+        loss.backward()
+
+    per_token = engine.saved_activation_bytes(step, model.parameters()) / 4096 * 12 / 2
+    params = sum(p.numel() for p in pv.create_model("adv_b", patch=1, res=224).parameters())
+    room = gpu_gb * 1e9 - 16 * params
+    rows = []
+    for n in gpus:
+        side = int((n * room / per_token) ** 0.5)
+        rows.append(dict(gpus_per_image=n, kb_per_token=per_token / 1e3, max_tokens=side * side,
+                         largest_input_px=side))
+    return rows
+
+
 def package_versions():
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
     for package in ("triton", "mamba-ssm", "causal-conv1d", "flash-attn"):
@@ -455,7 +551,8 @@ def main():
                         help="sequence lengths for section 3")
     parser.add_argument("--sdists", default=os.path.join(ROOT, "sdists"),
                         help="folder holding a mamba-ssm sdist (.tar.gz) for section 3's ssd_minimal_discrete")
-    parser.add_argument("--sections", nargs="+", type=int, default=[1, 2, 3, 4, 5, 7], help="which sections to run")
+    parser.add_argument("--sections", nargs="+", type=int, default=[1, 2, 3, 4, 5, 7, 8],
+                        help="which sections to run")
     parser.add_argument("--table6", action="store_true", help="run only section 6, the paper's Table 6 (GPU)")
     parser.add_argument("--time-budget", type=float, default=240, help="seconds for section 6's rows")
     parser.add_argument("--deadline", type=float, help="Unix time after which section 6 starts no row and "
@@ -463,7 +560,12 @@ def main():
     parser.add_argument("--json", help="also write all rows to this file")
     parser.add_argument("--table6-rows", nargs="+", metavar="AMP MODEL PATCH",
                         help="internal: the rows of one Table 6 configuration, run by --table6 in a subprocess")
+    parser.add_argument("--context-parallel-step", nargs=3, metavar=("MODEL", "RES", "AMP"),
+                        help="internal: one rank of section 8, run under torchrun")
     args = parser.parse_args()
+    if args.context_parallel_step:
+        model, res, amp = args.context_parallel_step
+        return context_parallel_step(model, int(res), amp, args.steps)
     if args.table6_rows:
         amp, model, *patches = args.table6_rows
         return table6_rows_in_this_process(amp, model, [int(p) for p in patches])
@@ -500,6 +602,13 @@ def main():
         results["operations"] = bench_operations(args.patches)
         print_table(results["operations"], ["model", "patch", "shape", "fwd_ops", "fwd_bwd_ops", "fwd_over_patch16",
                                             "fwd_bwd_over_patch16"])
+    if 8 in args.sections:
+        results["context_parallel"] = bench_context_parallel(device)
+        print_table(results["context_parallel"], ["model", "res", "context_parallel", "tokens", "tokens_per_rank",
+                                                  "saved_mb_per_rank", "saved_over_one_rank", "step_s",
+                                                  "sent_kb_per_step_per_rank", "status"])
+        results["largest_inputs"] = largest_inputs()
+        print_table(results["largest_inputs"], ["gpus_per_image", "kb_per_token", "max_tokens", "largest_input_px"])
     if 6 in args.sections:   # --json written row by row, with the versions and the kernels found
         rows = bench_table6(args)
         print_table(rows, ["model", "patch", "amp", "path", "batch", "status", "images_per_s",

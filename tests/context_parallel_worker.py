@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402
 import pixelvit as pv  # noqa: E402
 
 # Small blocks, so that a few hundred tokens per rank cross block borders and take the recompute path.
@@ -101,27 +102,17 @@ def exchanged_bytes(length):
 
 def saved_bytes(context_parallel):
     """Bytes of activations this rank keeps for the backward pass of an Adventurer at 1,024 tokens
-    (saved-tensor hooks; parameters, which every rank keeps whole, left out)."""
+    (parameters, which every rank keeps whole, left out)."""
     torch.manual_seed(0)
     model = pv.create_model("adv_t", patch=2, res=64, num_classes=5, **ADVENTURER).double()
     model.set_context_parallel(dist.group.WORLD if context_parallel else None)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def keep(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        logits = model(torch.randn(1, 3, 64, 64, dtype=torch.float64))
-    logits.sum().backward()
-    return sum(storages.values())
+    images = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    return engine.saved_activation_bytes(lambda: model(images).sum().backward(), model.parameters())
 
 
 def errors():
-    """The clear errors: heads that do not split over the ranks, a sequence too short for them."""
+    """The clear errors: heads that do not split over the ranks, a sequence too short for them (as built,
+    and as passed)."""
     found = {}
     size = dist.get_world_size()
     try:
@@ -129,11 +120,15 @@ def errors():
             dist.group.WORLD)
     except ValueError as e:
         found["heads"] = str(e)
-    model = pv.create_model("adv_t", patch=2, res=4, **ADVENTURER).set_context_parallel(dist.group.WORLD)
-    try:
-        model(torch.randn(1, 3, 4, 4))
+    try:   # the configured input
+        pv.create_model("adv_t", patch=2, res=4, **ADVENTURER).set_context_parallel(dist.group.WORLD)
     except ValueError as e:
         found["short"] = str(e)
+    model = pv.create_model("adv_t", patch=2, res=16, **ADVENTURER).set_context_parallel(dist.group.WORLD)
+    try:   # an input smaller than configured
+        model(torch.randn(1, 3, 4, 4))
+    except ValueError as e:
+        found["short_input"] = str(e)
     return found
 
 

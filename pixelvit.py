@@ -1141,17 +1141,11 @@ class PatchModel(nn.Module):
         the one-device gradient. Drop path must draw the same masks on the ranks of a group."""
         if group is not None:
             size = dist.get_world_size(group)
-            heads = getattr(self.cfg, "num_heads", None)
-            if isinstance(self, DeiT) and heads % size:
+            if isinstance(self, DeiT) and self.cfg.num_heads % size:
                 raise ValueError(f"context parallelism over {size} ranks needs the attention heads "
-                                 f"({heads}) to divide evenly among them")
+                                 f"({self.cfg.num_heads}) to divide evenly among them")
+            self._check_split((self.grid_size * self.extend) ** 2, size)   # the configured input
         self.context_group = group
-        if group is not None:
-            try:       # the configured input must split: each rank needs enough tokens
-                self._shards((self.grid_size * self.extend) ** 2)
-            except ValueError:
-                self.context_group = None
-                raise
         return self
 
     def reset_classifier(self, num_classes):
@@ -1195,12 +1189,15 @@ class PatchModel(nn.Module):
             return None
         shards = SequenceShards(self.context_group, dist.get_rank(self.context_group),
                                 dist.get_world_size(self.context_group), length)
-        # each Mamba-2 stretch must hold the conv's whole halo, so that it comes from one rank
-        least = self.cfg.d_conv - 1 if isinstance(self, Adventurer) else 1
-        if length // shards.size < least:
-            raise ValueError(f"{length} tokens cannot be split over {shards.size} ranks: each rank needs "
-                             f"at least {least} (a larger image or a smaller patch, or fewer ranks)")
+        self._check_split(length, shards.size)
         return shards
+
+    def _check_split(self, length, size):
+        """Each rank needs a token; each Mamba-2 stretch the conv's whole halo, from one rank."""
+        least = self.cfg.d_conv - 1 if isinstance(self, Adventurer) else 1
+        if length // size < least:
+            raise ValueError(f"{length} tokens cannot be split over {size} ranks: each rank needs "
+                             f"at least {least} (a larger image or a smaller patch, or fewer ranks)")
 
     def _cls_rank(self, shards):
         return 0 if self.cls_first else shards.size - 1

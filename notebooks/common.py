@@ -1,6 +1,6 @@
 """What the notebooks share: the project on the import path, the paper's tables, the runs folder, fast
 mode, the plot style, patch-size axes, running a script's `main()` quietly, once per seed, and drawing
-the spread over seeds; the classification miniature that notebooks 4-6 share; and the analysis of runs
+the spread over seeds; the classification miniatures that notebooks 2-4 share; and the analysis of runs
 (`read_results`, every results.json under a folder, and `fit_power_law`).
 
     from common import FAST, PAPER, RUNS, log2_axis, log_yaxis, patch_axis, quietly, seeded, draw_spread
@@ -132,7 +132,7 @@ def late_gain(runs, metric="top1"):
     return float(np.mean([r["log"][-1][metric] - r["log"][-1 - quarter][metric] for r in runs]))
 
 
-# The classification miniature of notebooks 4-6: scikit-learn's scanned digits at their native 8 x 8 pixels,
+# The classification miniature of notebooks 2-4: scikit-learn's scanned digits at their native 8 x 8 pixels,
 # a small Adventurer (width 32, 2 blocks) and the demo recipe at lr 4e-3, the same for every patch size.
 # Fast mode trains 20 epochs, in which patches 8 and 4 level off and patch 2 nearly; patch 1 levels off
 # after about 30, so full mode trains 40.
@@ -149,6 +149,52 @@ def digits(patch, res=8, extend=1):
     name = f"digits_adv_w{DIGIT_WIDTH}d{DIGIT_DEPTH}_r{res}_p{patch}_x{extend}_e{DIGIT_EPOCHS}"
     return seeded(train, DIGITS + ["--res", str(res), "--patch", str(patch), "--extend", str(extend)],
                   os.path.join(RUNS, "notebooks", name))
+
+
+# The fine-detail miniature: digits typeset in six of matplotlib's bundled fonts, 15-20 px tall with strokes
+# 1-2 px wide, centred in a 24 px frame, so that a patch of 8 holds pieces of several strokes and a patch of 4
+# about one. The linear patch embedding must then compress (the paper's "compressive encoding"): an 8 x 8
+# patch's 64 grey values go into 32 channels, a 4 x 4 patch's 16 fit. Same model and recipe as the 8 px
+# miniature; fewer epochs, as each costs more tokens.
+FINE_FACES = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "cmr10.ttf", "cmss10.ttf", "STIXGeneral.ttf")
+FINE_RES, FINE_EPOCHS, FINE_TRAIN, FINE_VAL = 24, 8 if FAST else 30, 1200, 400
+
+
+def typeset_digit(digit, rng, size=FINE_RES):
+    """One grey image of a digit: a random bundled font at 15-20 px, centred, with Gaussian pixel noise
+    (sigma 12 of 255)."""
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+    fonts = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf")
+    font = ImageFont.truetype(os.path.join(fonts, FINE_FACES[rng.integers(len(FINE_FACES))]), int(rng.integers(15, 21)))
+    canvas = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(canvas).text((size / 2, size / 2), str(digit), fill=255, font=font, anchor="mm")
+    pixels = np.asarray(canvas, float) + rng.normal(0, 12, (size, size))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_fine_digits(folder):
+    """The fine-detail task as an ImageNet-style folder (train/<digit>/*.png, val/<digit>/*.png), written once."""
+    if os.path.isdir(os.path.join(folder, "val")):
+        return folder
+    rng = np.random.default_rng(0)
+    for split, count in (("train", FINE_TRAIN), ("val", FINE_VAL)):
+        for digit in range(10):
+            os.makedirs(os.path.join(folder, split, str(digit)), exist_ok=True)
+            for i in range(count // 10):
+                typeset_digit(digit, rng).save(os.path.join(folder, split, str(digit), f"{i:04d}.png"))
+    return folder
+
+
+def fine_digits(patch):
+    """The fine-detail miniature at one patch size, once per seed (the 8 px miniature's model and recipe)."""
+    import train
+    data = write_fine_digits(os.path.join(RUNS, "notebooks", "fine_digits_data"))
+    name = f"fine_digits_adv_w{DIGIT_WIDTH}d{DIGIT_DEPTH}_r{FINE_RES}_p{patch}_e{FINE_EPOCHS}"
+    argv = [a for a in DIGITS if a not in ("--data", "digits")]
+    argv[argv.index("--epochs") + 1] = str(FINE_EPOCHS)
+    argv += ["--recipe", "demo", "--data-path", data, "--res", str(FINE_RES), "--patch", str(patch)]
+    return seeded(train, argv, os.path.join(RUNS, "notebooks", name))
 
 
 def read_results(root):

@@ -127,6 +127,39 @@ def test_a_sequence_continued_from_its_state_equals_the_whole():
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), name
 
 
+def test_final_state_from_zero_equals_the_recurrence_and_is_affine_in_the_start():
+    # context parallelism's exchange: S_out = exp(log_decay) * S_in + state, the state from a zero start
+    x, dt, A, B, C = random_ssd_inputs(2, 45, 4, 8, 2, 16)
+    state, log_decay = pv.ssd_final_state(x, dt, A, B)
+    expected = torch.zeros(2, 4, 8, 16, dtype=torch.float64)
+    B_heads = B.repeat_interleave(2, dim=2)                      # 2 groups of 2 heads
+    for t in range(45):                                         # the recurrence, token by token
+        expected = torch.exp(dt[:, t] * A)[..., None, None] * expected + \
+            (dt[:, t, :, None] * x[:, t])[..., None] * B_heads[:, t, :, None, :]
+    assert torch.allclose(state, expected, rtol=0, atol=1e-12)
+    assert torch.allclose(log_decay, (dt * A).sum(1), rtol=0, atol=1e-12)
+    start = torch.randn(2, 4, 8, 16, dtype=torch.float64)
+    _, after = pv.ssd_chunked(x, dt, A, B, C, chunk_size=16, initial_state=start, return_final_state=True)
+    assert torch.allclose(after, torch.exp(log_decay)[..., None, None] * start + state, rtol=0, atol=1e-12)
+
+
+def test_mixer_continues_a_sequence_from_its_history_and_state():
+    # a stretch of the sequence, run from the previous stretch's last conv inputs and SSD state, gives the
+    # whole sequence's outputs there; the state of two stretches chains as the exchange assumes
+    torch.manual_seed(0)
+    mixer = pv.Mamba2Mixer(32, d_state=8, headdim=16, chunk_size=8).double()
+    u = torch.randn(2, 70, 32, dtype=torch.float64)
+    cut, halo = 29, mixer.conv1d.kernel_size[0] - 1
+    first_state, first_decay = mixer.final_state(u[:, :cut])
+    rest = mixer(u[:, cut:], history=u[:, cut - halo:cut], state=first_state)
+    assert torch.allclose(rest, mixer(u)[:, cut:], rtol=0, atol=1e-12)
+    rest_state, rest_decay = mixer.final_state(u[:, cut:], history=u[:, cut - halo:cut])
+    whole_state, whole_decay = mixer.final_state(u)
+    chained = torch.exp(rest_decay)[..., None, None] * first_state + rest_state
+    assert torch.allclose(chained, whole_state, rtol=0, atol=1e-12)
+    assert torch.allclose(first_decay + rest_decay, whole_decay, rtol=0, atol=1e-12)
+
+
 def test_bfloat16_autocast_stays_within_the_kernels_tolerance():
     # Under autocast the matrix products run in bf16 (as mamba-ssm's kernels take bf16 operands);
     # decays and the state passing stay float32. Yardstick: mamba-ssm's own SSD kernel tests,

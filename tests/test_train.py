@@ -302,3 +302,18 @@ def test_context_parallel_needs_torchrun_and_a_dividing_group(tmp_path):
         train.main(train.parse_args(common + ["--context-parallel", "2"]))
     proc = run(common + ["--context-parallel", "3"], tmp_path, nproc=2, check=False)
     assert proc.returncode != 0 and "--context-parallel 3 must divide the 2 processes" in proc.stderr + proc.stdout
+
+
+def test_readme_context_parallel_command_at_paper_size(tmp_path):
+    """The README's `torchrun ... train.py --model adv_b --patch 1 --res 448 --context-parallel 4`, with the
+    recipe it picks, on 2 processes sharing each 448 px image: 200,704 pixel tokens, 100,352 per rank.
+    Adventurer-B shrunk to one block, 64 wide; one training step and one evaluation."""
+    data = write_image_folder(tmp_path / "data", per_class=(1, 1), classes=2)
+    out = tmp_path / "cp"
+    run(["--model", "adv_b", "--patch", "1", "--res", "448", "--context-parallel", "2", "--data-path", data,
+         "--depth", "1", "--embed-dim", "64", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+         "--output", str(out)], tmp_path, nproc=2, timeout=900)
+    results = json.load(open(out / "results.json"))
+    assert results["val_images"] == 2 and results["args"]["recipe"] == "pretrain" and results["args"]["res"] == 448
+    assert (results["run_state"]["world"], results["run_state"]["replicas"]) == (2, 1)
+    assert np.isfinite(results["train_loss"])

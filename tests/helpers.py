@@ -1,4 +1,5 @@
 """Running the project's scripts from the tests: clean environments, torchrun, kill-and-resume."""
+import json
 import os
 import signal
 import subprocess
@@ -85,3 +86,17 @@ def run_elastic_and_kill(script, args, cwd, checkpoint, ready, nproc=2, timeout=
             raise
     with open(log) as f:
         return proc.returncode, f.read(), state
+
+
+def same_run_without_and_with_context_parallel(folder):
+    """The runs in folder/one (one process) and folder/cp (2 processes, --context-parallel 2): their
+    floating-point weights agree to float32 rounding, and cp ran as one data-parallel replica of 2 ranks.
+    Returns both results.json."""
+    a, b = (torch.load(os.path.join(folder, name, "checkpoint.pth"), weights_only=True)["model"]
+            for name in ("one", "cp"))
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    one, cp = (json.load(open(os.path.join(folder, name, "results.json"))) for name in ("one", "cp"))
+    assert (cp["run_state"]["world"], cp["run_state"]["replicas"]) == (2, 1)
+    return one, cp

@@ -1,6 +1,7 @@
 """The notebooks: each one runs top to bottom in fast mode, as a reader would run it, and the committed
 copies carry the figures of a real execution."""
 import os
+import re
 import sys
 from types import SimpleNamespace
 
@@ -117,8 +118,10 @@ def test_draw_spread_bars_run_from_the_lowest_seed_to_the_highest():
     common.plt.close(fig)
 
 
-def test_every_topic_of_the_issue_has_a_notebook():
-    assert len(NOTEBOOKS) == 8
+def test_the_readme_and_the_guide_link_every_notebook():
+    for doc in ("README.md", os.path.join("docs", "notebooks.md")):
+        linked = set(re.findall(r"notebooks/(\w+\.ipynb)", open(os.path.join(ROOT, doc)).read()))
+        assert linked == set(NOTEBOOKS), doc
 
 
 def test_power_law_fit_recovers_a_hand_made_law():

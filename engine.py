@@ -245,6 +245,20 @@ class RunSettings:
     context_parallel: int
 
 
+@dataclass(frozen=True)
+class DenseTaskSettings(RunSettings):
+    """The run's settings and those of `add_dense_task_args`' backbone flags, which SegConfig and
+    DetConfig extend."""
+    model: str
+    patch: int
+    embed_dim: int | None
+    depth: int | None
+    d_state: int | None
+    num_heads: int | None
+    drop_path: float
+    layer_decay: float
+
+
 MODEL_FLAGS = ("model", "embed_dim", "depth", "num_heads", "d_state")
 
 

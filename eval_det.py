@@ -726,18 +726,9 @@ def get_args_parser():
 
 
 @dataclass(frozen=True)
-class DetConfig(engine.RunSettings):
-    """Every setting of a run (those of the shared run flags in `engine.RunSettings`), resolved once from
-    the flags, the paper's recipe and the demo (`resolve`)."""
-    # backbone
-    model: str
-    patch: int
-    embed_dim: int | None
-    depth: int | None
-    d_state: int | None
-    num_heads: int | None
-    drop_path: float
-    layer_decay: float
+class DetConfig(engine.DenseTaskSettings):
+    """Every setting of a run (those of the shared run and backbone flags in `engine.DenseTaskSettings`),
+    resolved once from the flags, the paper's recipe and the demo (`resolve`)."""
     # detection
     data_path: str | None           # None only with --eval-results and --ann-file
     demo: bool                      # data_path is the demo's, written on first use

@@ -274,12 +274,19 @@ def _pass_states_matrix(state, chunk_states, chunk_log_decay, segment_sums):
     return states[..., :-1, :, :], states[..., -1, :, :].clone()
 
 
+# Device types that have no autocast (the meta device), found once here: inside a compiled graph
+# Dynamo cannot trace torch.amp.is_autocast_available (torch 2.11 breaks the graph there).
+_NO_AUTOCAST = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "maia", "meta",
+                                     torch._C._get_privateuse1_backend_name())
+                         if not torch.amp.is_autocast_available(t))
+
+
 def _without_autocast(device):
     """Autocast switched off where the device has it (bf16 autocast would round a matrix product's
-    operands); the meta device has none."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    operands)."""
+    if device.type in _NO_AUTOCAST:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _ssd_chunks(x, dt, A, B, C, state, q, shape):

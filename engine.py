@@ -223,7 +223,7 @@ def add_dense_task_args(p):
     for name in ("embed-dim", "depth", "d-state", "num-heads"):
         g.add_argument(f"--{name}", type=int, help="override the backbone's size (small custom models)")
     g.add_argument("--drop-path", type=float, help="stochastic depth of the last block (default: 0.1)")
-    g.add_argument("--layer-decay", type=float, default=1.0,
+    g.add_argument("--layer-decay", type=float,
                    help="lr x decay^(depth + 1 - layer) for the backbone (1.0: none, as the paper states its recipe)")
 
 
@@ -404,13 +404,14 @@ def optimizer_step(model, optimizer, scaler=None, clip_grad=None):
     optimizer.zero_grad(set_to_none=True)
 
 
-def check_finite(loss, where, output):
+def check_finite(loss, where, output, remedies="a lower --lr, or --amp bf16 instead of fp16"):
     """Stop every rank together when any rank's loss is not finite (a sum over ranks carries the
-    NaN or inf to all of them, so none is left waiting in the next collective)."""
+    NaN or inf to all of them, so none is left waiting in the next collective). `remedies` names
+    only flags that the calling script has."""
     total = all_reduce([loss.item()], loss.device)[0]
     if not math.isfinite(total):
         raise SystemExit(f"loss is {total} at {where}: stopping. The last good checkpoint in {output} "
-                         f"is intact. Try a lower --lr, --clip-grad 1.0, or --amp bf16 instead of fp16.")
+                         f"is intact. Try {remedies}.")
 
 
 # ----------------------------------------------------------------------------------------------

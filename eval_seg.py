@@ -29,8 +29,9 @@ from tqdm import tqdm
 import demo_data
 import engine
 import pixelvit as pv
+import segmentation
 
-IGNORE = 255
+IGNORE = segmentation.IGNORE
 ADE_CLASSES = 150
 
 
@@ -191,165 +192,6 @@ class TrainCrops(Dataset):
         return train_pipeline(image, label, self.crop, self.short_side)
 
 
-# ----------------------------------------------------------------------------------------------
-# Heads
-
-
-def conv_bn_relu(cin, cout, k):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
-
-
-class UperNetHead(nn.Module):
-    """UPerNet (Xiao et al. 2018) as mmseg's UPerHead: a pyramid pooling module (scales 1, 2, 3, 6) on
-    the deepest map, a top-down FPN over all four, fused at the finest level."""
-
-    def __init__(self, in_dim, channels, num_classes, pool_scales=(1, 2, 3, 6)):
-        super().__init__()
-        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_dim, channels, 1))
-                                 for s in pool_scales)
-        self.bottleneck = conv_bn_relu(in_dim + len(pool_scales) * channels, channels, 3)
-        self.laterals = nn.ModuleList(conv_bn_relu(in_dim, channels, 1) for _ in range(3))
-        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(3))
-        self.fpn_bottleneck = conv_bn_relu(4 * channels, channels, 3)
-        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
-
-    def forward(self, maps):  # four maps at strides 4, 8, 16, 32
-        top = maps[3]
-        pooled = [F.interpolate(p(top), top.shape[-2:], mode="bilinear", align_corners=False) for p in self.ppm]
-        levels = [lat(m) for lat, m in zip(self.laterals, maps[:3])] + [self.bottleneck(torch.cat([top, *pooled], 1))]
-        for i in (2, 1, 0):  # top-down: add the upsampled coarser level
-            levels[i] = levels[i] + F.interpolate(levels[i + 1], levels[i].shape[-2:], mode="bilinear",
-                                                  align_corners=False)
-        levels = [conv(level) for conv, level in zip(self.fpn_convs, levels[:3])] + [levels[3]]
-        fused = torch.cat([levels[0]] + [F.interpolate(level, levels[0].shape[-2:], mode="bilinear",
-                                                       align_corners=False)
-                                         for level in levels[1:]], 1)
-        return self.classifier(self.fpn_bottleneck(fused))
-
-
-class FCNHead(nn.Module):
-    """mmseg's auxiliary FCN head (one 3x3 conv, 256 channels), trained with weight 0.4."""
-
-    def __init__(self, in_dim, num_classes, channels=256):
-        super().__init__()
-        self.layers = nn.Sequential(conv_bn_relu(in_dim, channels, 3), nn.Dropout2d(0.1),
-                                    nn.Conv2d(channels, num_classes, 1))
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-def to_strides(maps, patch, strides=(4, 8, 16, 32)):
-    """Rescale stride-p maps to strides 4/8/16/32 without parameters: bilinear up where p > s,
-    max-pooling down where p < s, so one head serves every patch size."""
-    out = []
-    for m, s in zip(maps, strides):
-        if patch > s:
-            m = F.interpolate(m, scale_factor=patch // s, mode="bilinear", align_corners=False)
-        elif patch < s:
-            m = F.max_pool2d(m, s // patch)
-        out.append(m)
-    return out
-
-
-# UperNet widths that make the head (with its auxiliary FCN) the size the paper reports:
-# 5.10 M for Adventurer-T (Table 2: 17 - 12 M) and 13.61 M for Adventurer-B (Fig. 2: 13 M).
-UPERNET_CHANNELS = {256: 192, 768: 288}
-
-
-class Segmenter(nn.Module):
-    """A pixelvit backbone with the decoder-free linear head or UperNet (+ auxiliary FCN)."""
-
-    def __init__(self, backbone, head, num_classes, upernet_channels=None):
-        super().__init__()
-        self.backbone, self.head_kind = backbone, head
-        d, depth = backbone.embed_dim, len(backbone.blocks)
-        if head == "linear":
-            self.head = pv.DecoderFreeHead(d, num_classes)
-        else:
-            self.taps = [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]  # (2, 5, 8, 11) at 12
-            self.head = UperNetHead(d, upernet_channels or UPERNET_CHANNELS.get(d, 256), num_classes)
-            self.aux_head = FCNHead(d, num_classes)
-
-    def forward(self, images):
-        """Logits at the input size, and the auxiliary logits (UperNet, training only) or None."""
-        size = images.shape[-2:]
-        if self.head_kind == "linear":
-            return self.head(self.backbone.forward_dense(images), size), None
-        maps = self.backbone.forward_dense(images, layers=self.taps)
-        # the deepest tap through the backbone's final norm, as mmseg's ViT does (final_norm=True)
-        maps[-1] = self.backbone.final_norm(maps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        maps = to_strides(maps, self.backbone.patch_size)
-        up = lambda x: F.interpolate(x, size, mode="bilinear", align_corners=False)  # noqa: E731
-        return up(self.head(maps)), (up(self.aux_head(maps[2])) if self.training else None)
-
-    def head_parameters(self):
-        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("backbone."))
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics (mmseg's IoUMetric)
-
-
-class SegMetric:
-    """Sums per-class intersection, union, prediction and label areas over the whole set; IoU and
-    accuracy per class are ratios of the sums. Classes with no union are left out of the means."""
-
-    def __init__(self, num_classes, device="cpu"):
-        self.num_classes = num_classes
-        self.areas = torch.zeros(4, num_classes, dtype=torch.float64, device=device)  # I, U, pred, label
-
-    def update(self, pred, label):
-        keep = label != IGNORE
-        pred, label = pred[keep], label[keep]
-        bins = lambda x: torch.bincount(x, minlength=self.num_classes)[: self.num_classes].double()  # noqa: E731
-        inter, area_pred, area_label = bins(pred[pred == label]), bins(pred), bins(label)
-        self.areas += torch.stack([inter, area_pred + area_label - inter, area_pred, area_label])
-
-    def reduce(self):
-        if dist.is_initialized():
-            dist.all_reduce(self.areas)
-
-    def compute(self):
-        inter, union, _, label = self.areas
-        iou, acc = inter / union, inter / label  # 0/0 = nan: absent classes drop out of the nanmeans
-        return dict(mIoU=100 * iou.nanmean().item(), mAcc=100 * acc.nanmean().item(),
-                    aAcc=100 * (inter.sum() / label.sum()).item(), per_class_iou=(100 * iou).tolist())
-
-
-# ----------------------------------------------------------------------------------------------
-# Inference
-
-
-def pad_to(x, multiple, value=0):
-    h, w = x.shape[-2:]
-    return F.pad(x, [0, -w % multiple, 0, -h % multiple], value=value)
-
-
-def predict_whole(model, image, patch):
-    h, w = image.shape[-2:]
-    return model(pad_to(image, patch))[0][..., :h, :w]
-
-
-def predict_slide(model, image, patch, crop=512, stride=341):
-    """mmseg's sliding-window inference: overlapping crops, logits averaged where they overlap."""
-    _, _, h, w = image.shape
-    rows = max(h - crop + stride - 1, 0) // stride + 1
-    cols = max(w - crop + stride - 1, 0) // stride + 1
-    total, count = None, torch.zeros(1, 1, h, w, device=image.device)
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
-            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
-            logits = predict_whole(model, image[..., y1:y2, x1:x2], patch)
-            if total is None:
-                total = image.new_zeros(image.shape[0], logits.shape[1], h, w)
-            total[..., y1:y2, x1:x2] += logits
-            count[..., y1:y2, x1:x2] += 1
-    return total / count
-
-
 @torch.no_grad()
 def evaluate(model, dataset, cfg, run, save_dir=None, visualize=0):
     """mIoU / mAcc / aAcc and the validation loss over the whole set (each data-parallel rank a strided
@@ -359,7 +201,7 @@ def evaluate(model, dataset, cfg, run, save_dir=None, visualize=0):
     if dist.is_initialized():  # BatchNorm statistics drift apart per rank without SyncBN: use rank 0's,
         for buffer in segmenter.buffers():  # which are also the ones the checkpoint keeps
             dist.broadcast(buffer, 0)
-    metric = SegMetric(dataset.num_classes, device)
+    metric = segmentation.SegMetric(dataset.num_classes, device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # summed CE, labelled pixels
     indices = range(run.replica, len(dataset), run.replicas)
     for i in tqdm(indices, desc="eval", leave=False, disable=not run.is_main):
@@ -368,8 +210,8 @@ def evaluate(model, dataset, cfg, run, save_dir=None, visualize=0):
                             interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
         x = normalize(resized)[None].to(device)
         with run.autocast():
-            logits = (predict_slide(segmenter, x, cfg.patch, cfg.crop, cfg.stride) if cfg.mode == "slide"
-                      else predict_whole(segmenter, x, cfg.patch)).float()
+            logits = (segmentation.predict_slide(segmenter, x, cfg.patch, cfg.crop, cfg.stride) if cfg.mode == "slide"
+                      else segmentation.predict_whole(segmenter, x, cfg.patch)).float()
         if not run.counts_its_images:
             continue
         logits = F.interpolate(logits, label.shape, mode="bilinear", align_corners=False)
@@ -408,7 +250,8 @@ def save_overlay(image, label, pred, path):
 
 # The paper's recipe (Sec. 4.2: mmseg's ViT-UperNet schedule) and the CPU demo's; each typed flag wins.
 PAPER = dict(model="adv_t", patch=16, drop_path=0.1, num_classes=ADE_CLASSES, crop=512, stride=341, iters=160_000,
-             batch_size=16, lr=5e-5, warmup_iters=1500, eval_every=16_000, save_every=2_000)
+             batch_size=16, lr=5e-5, weight_decay=0.01, layer_decay=1.0, aux_weight=0.4, warmup_iters=1500,
+             eval_every=16_000, save_every=2_000)
 DEMO = dict(crop=64, stride=43, iters=400, batch_size=8, lr=1e-3, warmup_iters=40, eval_every=400, embed_dim=64,
             depth=4, d_state=16, num_classes=5, patch=4, drop_path=0.0)
 
@@ -419,7 +262,7 @@ def get_args_parser():
     g = p.add_argument_group("segmentation")
     g.add_argument("--head", choices=["linear", "upernet"], default="linear",
                    help="the paper's decoder-free linear head, or UperNet with an auxiliary FCN")
-    g.add_argument("--upernet-channels", type=int, help=f"UperNet width (default: {UPERNET_CHANNELS} by "
+    g.add_argument("--upernet-channels", type=int, help=f"UperNet width (default: {segmentation.UPERNET_CHANNELS} by "
                                                         f"backbone width, else 256)")
     g.add_argument("--data-path", help="ADEChallengeData2016 folder (default: a demo folder written to --output)")
     g.add_argument("--num-classes", type=int, help="classes in the annotations (default: ADE20k's 150)")
@@ -430,10 +273,12 @@ def get_args_parser():
     g.add_argument("--iters", type=int, help="training iterations (optimiser steps; default 160,000)")
     g.add_argument("--batch-size", type=int, help="global batch (default 16)")
     g.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
     g.add_argument("--warmup-iters", type=int, help="linear warm-up from 1e-6 x lr (default 1,500)")
-    g.add_argument("--aux-weight", type=float, default=0.4, help="UperNet's auxiliary FCN loss weight")
-    g.add_argument("--eval-every", type=int, help="evaluate every N iterations and at the end (default 16,000)")
+    g.add_argument("--aux-weight", type=float, help="UperNet's auxiliary FCN loss weight (default 0.4)")
+    g.add_argument("--eval-every", type=int,
+                   help="evaluate every N optimiser steps (iterations), and at the end (default 16,000; 0: at the end "
+                        "only)")
     g.add_argument("--save-every", type=int,
                    help="checkpoint every N optimiser steps (iterations), and at the end (default 2,000; 0: at the "
                         "end only)")
@@ -464,7 +309,7 @@ class SegConfig(engine.DenseTaskSettings):
     weight_decay: float
     warmup_iters: int
     aux_weight: float
-    eval_every: int
+    eval_every: int                 # optimiser steps; 0: at the end only
     save_every: int
     # evaluation
     save_predictions: str | None
@@ -503,7 +348,7 @@ def build(cfg, run):
                                      cfg.compile, embed_dim=cfg.embed_dim, depth=cfg.depth, d_state=cfg.d_state,
                                      num_heads=cfg.num_heads)
     engine.share_images(backbone, run, "eval_seg.py")   # the heads run on the whole map, gathered
-    model = Segmenter(backbone, cfg.head, cfg.num_classes, cfg.upernet_channels).to(run.device)
+    model = segmentation.Segmenter(backbone, cfg.head, cfg.num_classes, cfg.upernet_channels).to(run.device)
     if run.world > 1 and run.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
@@ -562,7 +407,12 @@ def main(cfg):
     scaler = run.grad_scaler()
 
     # resume: evaluations logged after the checkpoint run again; a fresh start drops an old log
-    start = engine.load_training_state(resume, model, optimizer, scaler)["iter"] if resume else 0
+    state = engine.load_training_state(resume, model, optimizer, scaler) if resume else {}
+    start = state.get("iter", 0)
+    # train_loss in the log is the mean over the iterations since the previous evaluation; its running
+    # sum is in the checkpoint, so that a resumed run logs what an uninterrupted one does
+    interval_loss = torch.tensor(state.get("interval_loss", 0.0), dtype=torch.float64, device=run.device)
+    interval_iters = state.get("interval_iters", 0)
     if run.is_main:
         if resume:
             print(f"resumed from {resume} at iteration {start}")
@@ -594,16 +444,21 @@ def main(cfg):
             loss += micro_loss.detach()
         engine.optimizer_step(wrapped, optimizer, scaler)
         done = it + 1
+        interval_loss += loss.double()
+        interval_iters += 1
         if it % cfg.log_every == 0 or done == cfg.iters:
             engine.check_finite(loss, f"iteration {it}", cfg.output)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(it, cfg):.2e}")
-        if done % cfg.eval_every == 0 or done == cfg.iters:   # before the checkpoint: see keep_log_lines
-            train_loss = engine.all_reduce([loss.item()], run.device)[0] / run.world
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters:   # before the checkpoint
+            train_loss = engine.all_reduce([interval_loss.item()], run.device)[0] / run.world / interval_iters
+            interval_loss.zero_()
+            interval_iters = 0
             metrics = engine.report(run, cfg.output, cfg, validate(wrapped, val_set, cfg, run), iter=done,
                                     train_loss=train_loss)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.iters:
             engine.save_training_state(os.path.join(cfg.output, "checkpoint.pth"), run, cfg, wrapped, optimizer,
-                                       scaler, iter=done)
+                                       scaler, iter=done, interval_loss=interval_loss.item(),
+                                       interval_iters=interval_iters)
     if run.is_main:
         print(f"done: mIoU {metrics.get('mIoU', float('nan')):.2f} -> {cfg.output}")
     engine.finish()

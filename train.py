@@ -8,6 +8,8 @@
 `--stage pretrain|intermediate|finetune` picks the paper's Adventurer recipes (Tables 8, 10, 9) and
 `--recipe deit` the DeiT one; every value has its own flag. `--batch-size` is the GLOBAL batch, as in
 the paper's tables: each of the world x accum-steps micro-batches is batch-size / (world x accum).
+`--lr` is the peak learning rate; the recipes give the paper's base rate per 512 images (`--blr`),
+scaled by batch / 512 as the official code does.
 
 Every random draw is a function of (seed, epoch, step) or (seed, epoch, rank, draw), never of the
 history of the run: a run killed at any moment and resumed from its last checkpoint ends with the same
@@ -40,49 +42,52 @@ import pixelvit as pv
 # ----------------------------------------------------------------------------------------------
 # Recipes. Adventurer: the paper's Tables 8 (pretrain, 128 px), 10 (intermediate, 224 px) and 9
 # (finetune), one column for Tiny/Small/Base and one for Large/Huge. Where the paper's marks were
-# lost or it is silent, the official Patch_Scaling README commands decide (noted per entry).
+# lost or it is silent, the official Patch_Scaling README commands decide (noted per entry). Learning
+# rates in the paper's terms: `blr`, per 512 images, which the official code (DeiT's rule) scales by
+# batch / 512 to the peak `lr`; a recipe that gives `lr` gives the peak itself.
 
 COMMON = dict(  # the official main.py defaults the recipes start from
     opt_betas=(0.9, 0.999), min_lr=1e-5, warmup_lr=1e-6, clip_grad=None, layer_decay=1.0,
     smoothing=0.1, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1", three_augment=False,
     repeated_aug=True, reprob=0.25, scale_min=0.08, hflip=0.5, color_jitter=0.3, ema=False, eval_crop_ratio=0.875,
-    unscale_lr=False)
+    ema_decay=0.99996)
 
 RECIPES = {
     # Table 8. The official stage-1 command: ThreeAugment (RandAugment off), no label smoothing,
     # no random erasing, repeated augmentation on.
     "pretrain": dict(
-        res=128, epochs=300, batch_size=1024, lr=5e-4, weight_decay=0.05, warmup_epochs=5,
+        res=128, epochs=300, batch_size=1024, blr=5e-4, weight_decay=0.05, warmup_epochs=5,
         drop_path=0.1, smoothing=0.0, three_augment=True, reprob=0.0,
-        large=dict(lr=2e-4, weight_decay=0.3, epochs=200, opt_betas=(0.9, 0.95), batch_size=4096,
+        large=dict(blr=2e-4, weight_decay=0.3, epochs=200, opt_betas=(0.9, 0.95), batch_size=4096,
                    warmup_epochs=20, drop_path=0.2)),
     # Table 10, initialised from the 128 px pretrain. Layer decay 0.9 is the paper's; the official
     # README commands left it at 1.0 (pass --layer-decay 1.0 to reproduce the released runs).
     "intermediate": dict(
-        res=224, epochs=100, batch_size=1024, lr=5e-4, weight_decay=0.05, warmup_epochs=5,
+        res=224, epochs=100, batch_size=1024, blr=5e-4, weight_decay=0.05, warmup_epochs=5,
         drop_path={"adv_t": 0.2, "adv_s": 0.2, "adv_b": 0.4}, layer_decay=0.9, smoothing=0.0,
         three_augment=True, reprob=0.0,
-        large=dict(lr=8e-4, weight_decay=0.3, epochs=50, opt_betas=(0.9, 0.95), batch_size=4096,
+        large=dict(blr=8e-4, weight_decay=0.3, epochs=50, opt_betas=(0.9, 0.95), batch_size=4096,
                    warmup_epochs=20, drop_path=0.4)),
     # Table 9. RandAugment and smoothing 0.1, no repeated augmentation or erasing (official stage 3).
     # The official command sets --lr 1e-5 equal to its --min-lr, so its "cosine" stays flat at
     # 1e-5; here it decays to 1e-6 (pass --min-lr 1e-5 for the flat schedule).
     "finetune": dict(
-        res=224, epochs=20, batch_size=512, lr=1e-5, min_lr=1e-6, weight_decay=0.1, warmup_epochs=5,
+        res=224, epochs=20, batch_size=512, blr=1e-5, min_lr=1e-6, weight_decay=0.1, warmup_epochs=5,
         drop_path={"adv_t": 0.4, "adv_s": 0.4, "adv_b": 0.6}, layer_decay=0.95, repeated_aug=False,
         reprob=0.0, eval_crop_ratio=1.0,
-        large=dict(lr=2e-5, epochs=50, opt_betas=(0.9, 0.95), drop_path=0.6)),
+        large=dict(blr=2e-5, epochs=50, opt_betas=(0.9, 0.95), drop_path=0.6)),
     # DeiT (Touvron et al. 2021) as the paper's Sec. 4.1 states it: 300 epochs, AdamW, batch 1024,
     # lr 1e-3 (5e-4 x 1024/512), weight decay 0.05; the rest are DeiT's defaults.
-    "deit": dict(res=224, epochs=300, batch_size=1024, lr=5e-4, weight_decay=0.05, warmup_epochs=5,
+    "deit": dict(res=224, epochs=300, batch_size=1024, blr=5e-4, weight_decay=0.05, warmup_epochs=5,
                  drop_path=0.1, ema=True),
     # The embedded demo: 8x8 handwritten digits bundled with scikit-learn, upsampled to 16 px.
     # Small images want light augmentation: no RandAugment, mixup, erasing, flips or colour jitter.
-    "demo": dict(res=16, epochs=25, batch_size=64, lr=2e-3, unscale_lr=True, weight_decay=0.05,
+    "demo": dict(res=16, epochs=25, batch_size=64, lr=2e-3, weight_decay=0.05,
                  warmup_epochs=3, drop_path=0.0, mixup=0.0, cutmix=0.0, aa=None, reprob=0.0,
                  repeated_aug=False, scale_min=0.6, hflip=0.0, color_jitter=0.0, eval_crop_ratio=1.0),
 }
 LARGE_MODELS = ("adv_l", "adv_h", "deit_l", "deit_h")
+NONFINITE_REMEDIES = "a lower --lr, --clip-grad 1.0, or --amp bf16 instead of fp16"   # a loss that is not finite
 DEMO_MODEL = dict(model="adv_t", patch=2, embed_dim=64, depth=4, d_state=16)
 
 
@@ -122,7 +127,9 @@ def get_args_parser():
     g.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe (default: by --stage and model)")
     for name, kind, text in [
             ("epochs", int, "training epochs"), ("batch-size", int, "global batch"),
-            ("lr", float, "base lr, scaled by batch / 512 unless --unscale-lr"), ("min-lr", float, "cosine floor"),
+            ("lr", float, "peak learning rate, the one the schedule reaches (default: --blr x batch / 512)"),
+            ("blr", float, "base learning rate per 512 images, the paper's terms: lr = blr x batch / 512"),
+            ("min-lr", float, "cosine floor"),
             ("warmup-lr", float, "lr at the start of warm-up"), ("weight-decay", float, "AdamW weight decay"),
             ("warmup-epochs", float, "linear warm-up length"), ("drop-path", float, "stochastic depth"),
             ("layer-decay", float, "lr x decay^(depth + 1 - layer)"), ("smoothing", float, "label smoothing"),
@@ -138,8 +145,7 @@ def get_args_parser():
     g.add_argument("--three-augment", action=argparse.BooleanOptionalAction, help="DeiT III's ThreeAugment")
     g.add_argument("--repeated-aug", action=argparse.BooleanOptionalAction, help="each image 3x per epoch")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, help="keep and evaluate an EMA of the weights")
-    g.add_argument("--unscale-lr", action=argparse.BooleanOptionalAction, help="use --lr as it is")
-    g.add_argument("--ema-decay", type=float, default=0.99996, help="EMA decay per step")
+    g.add_argument("--ema-decay", type=float, help="EMA decay per step (default 0.99996)")
     g = engine.add_run_args(p, "run folder (default: runs/<model>_p<patch>_<res>_<recipe>)")
     g.add_argument("--eval", dest="eval_only", action="store_true", help="alias of --eval-only")
     g.add_argument("--save-every", type=int, default=0,
@@ -174,9 +180,8 @@ class TrainConfig(engine.RunSettings):
     recipe: str
     epochs: int
     batch_size: int                 # global: world x accum_steps x micro-batch
-    lr: float                       # the base lr of the recipe, per 512 images unless unscale_lr
-    peak_lr: float                  # the lr the schedule reaches
-    unscale_lr: bool
+    lr: float                       # the peak lr, the one the schedule reaches
+    blr: float | None               # the base lr per 512 images that gave it (None: lr was given as it is)
     min_lr: float
     warmup_lr: float
     warmup_epochs: float
@@ -228,7 +233,12 @@ def resolve(args):
     if s["context_parallel"] > 1 and (s["fsdp"] or s["benchmark"]):
         engine.flag_error("train.py", "--context-parallel runs with DDP, not with --fsdp or --benchmark")
     s["output"] = s["output"] or os.path.join("runs", f"{model}_p{s['patch']}_{s['res']}_{name}")
-    s["peak_lr"] = s["lr"] if s["unscale_lr"] else s["lr"] * s["batch_size"] / 512
+    if flags["lr"] is not None and flags["blr"] is not None:
+        engine.flag_error("train.py", "--lr is the peak rate and --blr the base rate it is scaled from: give one")
+    if flags["lr"] is None and (flags["blr"] is not None or s["lr"] is None):
+        s["lr"] = s["blr"] * s["batch_size"] / 512       # DeiT's rule, as the official code applies it
+    else:
+        s["blr"] = None
     return engine.settings_of(TrainConfig, s)
 
 
@@ -422,9 +432,9 @@ def lr_at(step, cfg, steps_per_epoch):
     warmup = cfg.warmup_epochs * steps_per_epoch
     total = cfg.epochs * steps_per_epoch
     if step < warmup:
-        return cfg.warmup_lr + (cfg.peak_lr - cfg.warmup_lr) * step / warmup
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return cfg.min_lr + 0.5 * (cfg.peak_lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def distribute(model, cfg, run):
@@ -529,7 +539,7 @@ def train_one_epoch(epoch, start_step, model, loader, optimizer, scaler, ema, mi
         last = step == steps_per_epoch - 1
         save_due = cfg.save_every and (step + 1) % cfg.save_every == 0
         if step % cfg.log_every == 0 or last or save_due:
-            engine.check_finite(step_loss, f"epoch {epoch}, step {step}", cfg.output)
+            engine.check_finite(step_loss, f"epoch {epoch}, step {step}", cfg.output, NONFINITE_REMEDIES)
             bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}",
                             img_s=f"{totals['images'] * run.replicas / (time.perf_counter() - start_time):.1f}")
         if save_due and not last:
@@ -611,7 +621,7 @@ def main(cfg):
     if cfg.compile:
         engine.unwrap(model).compile_blocks()   # in place, inside the DDP / FSDP wrapper
     optimizer = torch.optim.AdamW(engine.param_groups(engine.unwrap(model), cfg.weight_decay, cfg.layer_decay),
-                                  lr=cfg.peak_lr, betas=cfg.opt_betas)
+                                  lr=cfg.lr, betas=cfg.opt_betas)
     scaler = run.grad_scaler()
     mixup, criterion = loss_function(cfg, num_classes)
 
@@ -627,11 +637,12 @@ def main(cfg):
 
     n_params = sum(p.numel() for p in engine.unwrap(model).parameters())  # DTensors report their full size
     if run.is_main:
-        print(f"{cfg.model} patch {cfg.patch} @ {cfg.res}: {(cfg.res // cfg.patch * cfg.extend) ** 2:,} tokens, "
+        tokens = engine.unwrap(model).grid_size ** 2
+        print(f"{cfg.model} patch {cfg.patch} @ {cfg.res}: {tokens:,} token{'' if tokens == 1 else 's'}, "
               f"{n_params / 1e6:.2f} M params | {cfg.recipe} recipe, {run.replicas} x {cfg.accum_steps} x "
               f"{run.micro_batch} = {cfg.batch_size} images/step"
               + (f", each image over {cfg.context_parallel} processes" if cfg.context_parallel > 1 else "")
-              + f", peak lr {cfg.peak_lr:.2e}")
+              + f", peak lr {cfg.lr:.2e}")
 
     if cfg.eval_only:  # eval.json, so that a training run's results.json in the same folder survives
         metrics = evaluate(model, val_loader, cfg, run)

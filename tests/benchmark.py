@@ -22,9 +22,9 @@
    PyTorch path), then DeiT-B, each configuration in a subprocess; every row's error is recorded
    (out of memory as such), rows past `--time-budget` say so, and --json is written row by row.
 7. Operations: the aten operations that one 224 px image dispatches through Adventurer-B, forward
-   without grad and forward + backward, at patches 16 to 1, in both shapes of the PyTorch Mamba-2
+   without grad and forward + backward, at patches 16 to 1, in both plans of the PyTorch Mamba-2
    path, counted on the meta device (no GPU needed): on an accelerator each is a kernel launch.
-   Goal: in the accelerator shape, patch 1 within 5x the operations of patch 16. DeiT-B at patch 16
+   Goal: in the accelerator plan, patch 1 within 5x the operations of patch 16. DeiT-B at patch 16
    for scale.
 8. `--context-parallel` (section 8): one image's pixel tokens split over 1, 2 and 4 processes (gloo on
    CPU, NCCL on GPUs), each run under torchrun: saved activation bytes per rank, step time, and bytes
@@ -112,7 +112,7 @@ def forward_backward(fn, inputs):
 def bench_ssd(device, length=4096):
     """Chunked SSD vs the recurrence, forward and forward+backward, Adventurer-T mixer sizes."""
     inputs = ssd_inputs(length, device)
-    chunked = lambda *a: pv.ssd_chunked(*a, chunk_size=pv.torch_shape(device).chunk)   # noqa: E731
+    chunked = lambda *a: pv.ssd_chunked(*a, chunk_size=pv.scan_plan(device).chunk)   # noqa: E731
     fwd = timed([lambda: chunked(*inputs), lambda: pv.ssd_recurrent(*inputs)], device, 1, 5)
     both = timed([forward_backward(chunked, inputs), forward_backward(pv.ssd_recurrent, inputs)], device, 1, 3)
     rows = [dict(ssd="chunked", tokens=length, fwd_ms=1e3 * fwd[0][0], fwd_bwd_ms=1e3 * both[0][0]),
@@ -131,7 +131,7 @@ def bench_linearity(device, lengths=(4096, 50176)):
     Adventurer-T block. The ratio to the first length is the goal (flat: 1.0)."""
     block = adventurer_block(device, ADV_T["dim"])
     cases = {"ssd_chunked": lambda n: forward_backward(
-                 lambda *a: pv.ssd_chunked(*a, chunk_size=pv.torch_shape(device).chunk), ssd_inputs(n, device)),
+                 lambda *a: pv.ssd_chunked(*a, chunk_size=pv.scan_plan(device).chunk), ssd_inputs(n, device)),
              "Adventurer-T block": lambda n: forward_backward(
                  block, [torch.randn(1, n + 1, ADV_T["dim"], device=device)])}
     rows = []
@@ -205,7 +205,7 @@ def bench_peers(device, lengths, sdist_dir):
             row.update(mixer_ms=1e3 * mine, transformers_ms=1e3 * other, transformers_over_ours=other / mine)
         if minimal is not None and n % 256 == 0:   # its chunks must divide the length
             x, dt, A, B, C = ssd_inputs(n, device)
-            mine_fn = lambda x, dt, B, C, A=A: pv.ssd_chunked(x, dt, A, B, C, pv.torch_shape(device).chunk)   # noqa: E731
+            mine_fn = lambda x, dt, B, C, A=A: pv.ssd_chunked(x, dt, A, B, C, pv.scan_plan(device).chunk)   # noqa: E731
             # mamba-ssm's form: X = x dt, A dt per step, B and C per head; its chunk 256 is Mamba2's default
             minimal_fn = lambda x, dt, B, C, A=A: minimal(   # noqa: E731
                 x * dt[..., None], A * dt, B.expand(-1, -1, A.shape[0], -1), C.expand(-1, -1, A.shape[0], -1), 256)[0]
@@ -229,7 +229,7 @@ def bench_bf16(device, length=4096):
     def outputs(dtype, autocast):
         inputs = [t.to(dtype).requires_grad_(True) for t in (x, dt, A, B, C)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            y = pv.ssd_chunked(*inputs, chunk_size=pv.torch_shape(device).chunk)
+            y = pv.ssd_chunked(*inputs, chunk_size=pv.scan_plan(device).chunk)
         grads = torch.autograd.grad((y.to(dtype) * weights.to(dtype)).sum(), inputs)
         return dict(zip(["y", "dx", "ddt", "dA", "dB", "dC"], (t.double() for t in (y, *grads))))
 
@@ -288,10 +288,10 @@ class OperationCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_operations(model_name, patch, shape, backward, res=224, **overrides):
+def count_operations(model_name, patch, plan, backward, res=224, **overrides):
     """Aten operations of one image through a model built on the meta device, with the PyTorch
-    Mamba-2 path forced into `shape` ("cpu" or "accelerator")."""
-    forced, pv.TORCH_SHAPE = pv.TORCH_SHAPE, shape
+    Mamba-2 path forced into `plan` ("cpu" or "accelerator")."""
+    forced, pv.SCAN_PLAN = pv.SCAN_PLAN, plan
     try:
         with torch.device("meta"):
             model = pv.create_model(model_name, patch=patch, res=res, **overrides)
@@ -303,21 +303,21 @@ def count_operations(model_name, patch, shape, backward, res=224, **overrides):
                 out.sum().backward()
         return counter.count
     finally:
-        pv.TORCH_SHAPE = forced
+        pv.SCAN_PLAN = forced
 
 
 def bench_operations(patches):
-    rows = [dict(model="deit_b", patch=16, shape="-", fwd_ops=count_operations("deit_b", 16, None, False),
+    rows = [dict(model="deit_b", patch=16, plan="-", fwd_ops=count_operations("deit_b", 16, None, False),
                  fwd_bwd_ops=count_operations("deit_b", 16, None, True))]
-    for shape in ("accelerator", "cpu"):
+    for plan in ("accelerator", "cpu"):
         for patch in patches:
-            rows.append(dict(model="adv_b", patch=patch, shape=shape,
-                             fwd_ops=count_operations("adv_b", patch, shape, False),
-                             fwd_bwd_ops=count_operations("adv_b", patch, shape, True)))
-    base = {r["shape"]: r for r in rows if r["model"] == "adv_b" and r["patch"] == 16}
+            rows.append(dict(model="adv_b", patch=patch, plan=plan,
+                             fwd_ops=count_operations("adv_b", patch, plan, False),
+                             fwd_bwd_ops=count_operations("adv_b", patch, plan, True)))
+    base = {r["plan"]: r for r in rows if r["model"] == "adv_b" and r["patch"] == 16}
     for r in rows[1:]:
-        r["fwd_over_patch16"] = r["fwd_ops"] / base[r["shape"]]["fwd_ops"]
-        r["fwd_bwd_over_patch16"] = r["fwd_bwd_ops"] / base[r["shape"]]["fwd_bwd_ops"]
+        r["fwd_over_patch16"] = r["fwd_ops"] / base[r["plan"]]["fwd_ops"]
+        r["fwd_bwd_over_patch16"] = r["fwd_bwd_ops"] / base[r["plan"]]["fwd_bwd_ops"]
     return rows
 
 
@@ -600,7 +600,7 @@ def main():
         print_table(memory_ratios(results["models"]), ["patch", "tokens", "adv_t_over_deit_t_memory"])
     if 7 in args.sections:
         results["operations"] = bench_operations(args.patches)
-        print_table(results["operations"], ["model", "patch", "shape", "fwd_ops", "fwd_bwd_ops", "fwd_over_patch16",
+        print_table(results["operations"], ["model", "patch", "plan", "fwd_ops", "fwd_bwd_ops", "fwd_over_patch16",
                                             "fwd_bwd_over_patch16"])
     if 8 in args.sections:
         results["context_parallel"] = bench_context_parallel(device)

@@ -17,7 +17,7 @@ import engine  # noqa: E402
 import pixelvit as pv  # noqa: E402
 
 # Small blocks, so that a few hundred tokens per rank cross block borders and take the recompute path.
-pv.TORCH_SHAPES["cpu"] = pv.TorchShape(chunk=8, block=32, recompute_from=24, state_passing="loop", float64_sums=True)
+pv.SCAN_PLANS["cpu"] = pv.ScanPlan(chunk=8, block=32, recompute_from=24, state_passing="loop", float64_sums=True)
 ADVENTURER = dict(embed_dim=32, depth=4, d_state=8, headdim=16)     # blocks 1 and 3 flip ("official")
 
 

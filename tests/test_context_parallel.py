@@ -79,3 +79,17 @@ def test_shards_cover_the_sequence_once_and_evenly():
         sizes = [stop - start for start, stop in bounds]
         assert max(sizes) - min(sizes) <= 1
         assert sum(shards[0].lengths(cls_rank=size - 1)) == length + 1
+
+
+def test_the_configured_input_is_checked_with_extend_counted_once(monkeypatch):
+    # patch 2 at 4 px with extend 2: a 4 x 4 grid, 16 tokens, too few for 8 ranks (each Mamba-2 stretch
+    # needs the conv's 3-token halo) and enough for 4; the check must not count extend twice (64 tokens)
+    monkeypatch.setattr(pv.dist, "get_world_size", lambda group: group)
+    model = pv.create_model("adv_t", patch=2, res=4, extend=2, embed_dim=32, depth=1)
+    assert model.grid_size ** 2 == 16
+    with pytest.raises(ValueError, match=r"^16 tokens cannot be split over 8 ranks: each rank needs at least 3 "):
+        model.set_context_parallel(8)
+    assert model.set_context_parallel(4).context_group == 4
+    one = pv.create_model("deit_t", patch=4, res=4, embed_dim=24, num_heads=2, depth=1)
+    with pytest.raises(ValueError, match=r"^1 token cannot be split over 2 ranks: each rank needs at least 1 "):
+        one.set_context_parallel(2)

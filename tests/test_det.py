@@ -11,6 +11,7 @@ import torch
 from torchvision.ops import roi_align
 
 import demo_data
+import detection
 import engine
 import eval_det as det
 import pixelvit as pv
@@ -22,14 +23,14 @@ def tiny_backbone(patch, res=128):
 
 
 def tiny_detector(patch=4, classes=3):
-    return det.build_detector(tiny_backbone(patch), classes, channels=32, min_size=64, max_size=96,
+    return detection.build_detector(tiny_backbone(patch), classes, channels=32, min_size=64, max_size=96,
                               rois_per_image=32, rpn_batch=32, head_dims=32, fc_dim=64)
 
 
 @pytest.mark.parametrize("patch", [64, 32, 16, 8, 4, 2, 1])
 def test_pyramid_strides_for_every_patch(patch):
     torch.manual_seed(0)
-    backbone = det.PyramidBackbone(tiny_backbone(patch), channels=32)
+    backbone = detection.PyramidBackbone(tiny_backbone(patch), channels=32)
     levels = backbone(torch.randn(1, 3, 64, 128))
     assert list(levels) == ["0", "1", "2", "3", "pool"]
     assert [tuple(v.shape[-2:]) for v in levels.values()] == [(16, 32), (8, 16), (4, 8), (2, 4), (1, 2)]
@@ -42,15 +43,15 @@ def test_matching_follows_each_stage_threshold():
                               [0.0, 0.0, 10.0, 7.5],    # IoU 0.75
                               [20.0, 20.0, 30.0, 30.0]])  # IoU 0
     labels = torch.tensor([4])
-    assert det.match(proposals, gt, labels, 0.5)[0].tolist() == [4, 4, 0]
-    assert det.match(proposals, gt, labels, 0.6)[0].tolist() == [0, 4, 0]
-    assert det.match(proposals, gt, labels, 0.7)[0].tolist() == [0, 4, 0]
-    empty = det.match(proposals, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 0.5)
+    assert detection.match(proposals, gt, labels, 0.5)[0].tolist() == [4, 4, 0]
+    assert detection.match(proposals, gt, labels, 0.6)[0].tolist() == [0, 4, 0]
+    assert detection.match(proposals, gt, labels, 0.7)[0].tolist() == [0, 4, 0]
+    empty = detection.match(proposals, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 0.5)
     assert empty[0].tolist() == [0, 0, 0]
 
 
 def test_stage_box_coders_by_hand():
-    heads = det.CascadeRoIHeads(32, 3, conv_dims=(32,), fc_dim=16, mask_dims=(32,))
+    heads = detection.CascadeRoIHeads(32, 3, conv_dims=(32,), fc_dim=16, mask_dims=(32,))
     proposal, gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([[1.0, 1.0, 11.0, 21.0]])
     # mmdet's cascade config, bbox_coder.target_stds of the three stages: deltas are divided by them.
     # Centre shift 1 px on a 10 px box (0.1) and 6 px in y (0.6), height ratio 2: (0.1, 0.6, 0, log 2) / std
@@ -69,7 +70,7 @@ def test_anchors_lie_on_fixed_stride_grids_unrounded():
     # an 800 x 1216 input at patch 16: levels of 200 x 304 ... 25 x 38 and a 13 x 19 top level
     shapes = [(200, 304), (100, 152), (50, 76), (25, 38), (13, 19)]
     images = SimpleNamespace(image_sizes=[(800, 1216)])
-    (anchors,) = det.Anchors()(images, [torch.zeros(1, 8, *s, dtype=torch.bfloat16) for s in shapes])
+    (anchors,) = detection.Anchors()(images, [torch.zeros(1, 8, *s, dtype=torch.bfloat16) for s in shapes])
     counts = [3 * h * w for h, w in shapes]
     assert anchors.dtype == torch.float32 and len(anchors) == sum(counts)
     top = anchors[sum(counts[:4]):].view(13, 19, 3, 4)
@@ -91,18 +92,18 @@ def test_rpn_targets_follow_mmdet_assignment():
                             [0.0, 90, 10, 100]])   # x2, y2 must be < the image size: left out
     gts = torch.tensor([[0.0, 0, 10, 10], [48.0, 48, 70, 70], [80.0, 80, 95, 95], [20.0, 20, 30, 34],
                         [20.0, 16, 30, 30]])
-    labels, matched = det.assign_anchors(anchors, gts, (100, 100))
+    labels, matched = detection.assign_anchors(anchors, gts, (100, 100))
     assert labels.tolist() == [1, -1, 0, 1, 1, -1]
     assert torch.equal(matched[[0, 3, 4]], gts[[0, 2, 4]])
-    labels, _ = det.assign_anchors(anchors, torch.zeros(0, 4), (100, 100))
+    labels, _ = detection.assign_anchors(anchors, torch.zeros(0, 4), (100, 100))
     assert labels.tolist() == [0, -1, 0, 0, 0, -1]
-    labels, _ = det.assign_anchors(anchors, gts, (8, 8))   # no anchor fits inside: no targets at all
+    labels, _ = detection.assign_anchors(anchors, gts, (8, 8))   # no anchor fits inside: no targets at all
     assert labels.tolist() == [-1] * 6
 
 
 def test_stage_weights_scale_each_stage_loss():
     torch.manual_seed(0)
-    heads = det.CascadeRoIHeads(32, 3, rois_per_image=16, conv_dims=(32,), fc_dim=16, mask_dims=(32,)).train()
+    heads = detection.CascadeRoIHeads(32, 3, rois_per_image=16, conv_dims=(32,), fc_dim=16, mask_dims=(32,)).train()
     features = {str(i): torch.randn(1, 32, 32 // 2**i, 32 // 2**i) for i in range(4)}
     proposals = [torch.tensor([[2.0, 2, 30, 30], [0, 0, 60, 60], [10, 12, 40, 50], [5, 5, 20, 25]])]
     masks = torch.zeros(1, 128, 128, dtype=torch.uint8)
@@ -137,7 +138,7 @@ def test_images_without_objects_give_no_box_or_mask_loss():
 
 def test_detections_average_the_stage_logits():
     torch.manual_seed(0)
-    heads = det.CascadeRoIHeads(32, 3, conv_dims=(32,), fc_dim=16, mask_dims=(32,), score_thresh=0.0).eval()
+    heads = detection.CascadeRoIHeads(32, 3, conv_dims=(32,), fc_dim=16, mask_dims=(32,), score_thresh=0.0).eval()
     features = {str(i): torch.randn(1, 32, 32 // 2**i, 32 // 2**i) for i in range(4)}
     box = [torch.tensor([[10.0, 10, 50, 60]])]
     (result,), _ = heads(features, box, [(128, 128)])
@@ -219,9 +220,9 @@ def test_results_writer_round_trips_through_pycocotools(coco):
         out = dict(boxes=target["boxes"], labels=target["labels"], scores=torch.ones(len(target["labels"])))
         if probs is not None:
             out["mask_probs"] = probs
-        results += det.to_coco_results(out, target["image_id"], ds.category_ids, image.shape[-2:])
+        results += detection.to_coco_results(out, target["image_id"], ds.category_ids, image.shape[-2:])
     assert {r["category_id"] for r in results} <= {1, 3, 7, 9}
-    scores = det.coco_evaluate(ds.coco, results)
+    scores = detection.coco_evaluate(ds.coco, results)
     assert scores["bbox"]["AP"] == pytest.approx(100) and scores["segm"]["AP"] > 95
 
 
@@ -238,18 +239,18 @@ def test_evaluation_equals_pycocotools_and_rejects_unknown_ids(coco, tmp_path):
                                 bbox=[v + j for v, j in zip(a["bbox"], jitter)]))
     path = tmp_path / "results.json"
     json.dump(results, open(path, "w"))
-    ours = det.coco_evaluate(ds.coco, det.load_results(str(path)), kinds=("bbox",))["bbox"]
+    ours = detection.coco_evaluate(ds.coco, detection.load_results(str(path)), kinds=("bbox",))["bbox"]
     reference = COCOeval(ds.coco, ds.coco.loadRes(str(path)), "bbox")
     reference.evaluate()
     reference.accumulate()
     reference.summarize()
-    for name, v in zip(det.STAT_NAMES, reference.stats[:6]):   # -1: no object of that size -> None
+    for name, v in zip(detection.STAT_NAMES, reference.stats[:6]):   # -1: no object of that size -> None
         assert ours[name] == (pytest.approx(100 * v) if v >= 0 else None), name
     assert 0 < ours["AP"] < 100
     with pytest.raises(ValueError, match=r"image ids \[999\]"):
-        det.coco_evaluate(ds.coco, [dict(results[0], image_id=999)])
+        detection.coco_evaluate(ds.coco, [dict(results[0], image_id=999)])
     with pytest.raises(ValueError, match=r"category ids \[2\]"):
-        det.coco_evaluate(ds.coco, [dict(results[0], category_id=2)])
+        detection.coco_evaluate(ds.coco, [dict(results[0], category_id=2)])
 
 
 # --- the command line -----------------------------------------------------------------------------
@@ -261,19 +262,20 @@ CLI = ["--model", "adv_t", "--embed-dim", "32", "--depth", "2", "--d-state", "16
 
 def test_training_evaluation_and_results_file_round_trip(tmp_path):
     data = demo_data.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=5)   # images with and without objects
-    out, preds = str(tmp_path / "run"), str(tmp_path / "preds.json")
+    out, preds = str(tmp_path / "run"), str(tmp_path / "preds")
     run_script("eval_det.py", CLI + ["--data-path", data, "--output", out, "--max-iters", "4", "--save-predictions",
                                      preds, "--visualize", "2"], tmp_path)
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["iter"] == 4 and {"bbox_AP", "segm_AP", "bbox_AP50", "segm_APl"} <= set(results)
     assert results["val_loss"] > 0 and results["segm_APl"] is None   # no large objects in 64 px images
     assert len(os.listdir(os.path.join(out, "visualize"))) == 2
-    written = json.load(open(preds))
+    assert os.listdir(preds) == ["coco_results.json"]   # a folder, as in eval_seg.py
+    written = json.load(open(os.path.join(preds, "coco_results.json")))
     assert written and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(written[0])
     assert {r["category_id"] for r in written} <= set(demo_data.DEMO_CATEGORIES)
     # scoring the written file without a model reproduces the run's numbers
-    run_script("eval_det.py", ["--eval-results", preds, "--data-path", data, "--output", str(tmp_path / "rescored")],
-               tmp_path)
+    run_script("eval_det.py", ["--eval-results", os.path.join(preds, "coco_results.json"), "--data-path", data,
+                               "--output", str(tmp_path / "rescored")], tmp_path)
     rescored = json.load(open(tmp_path / "rescored" / "results.json"))
     assert all(rescored[k] == pytest.approx(results[k]) for k in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP75"))
     # a results file naming images the annotations lack is refused clearly
@@ -301,18 +303,18 @@ def test_two_process_run_gathers_every_rank_detections(tmp_path):
     data = demo_data.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=5)   # 5 images: 3 + 2 over 2 ranks
     out = str(tmp_path / "ddp")
     run_script("eval_det.py", CLI + ["--data-path", data, "--output", out, "--max-iters", "3",
-                                     "--save-predictions", str(tmp_path / "ddp.json")], tmp_path, nproc=2)
+                                     "--save-predictions", str(tmp_path / "ddp")], tmp_path, nproc=2)
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["run_state"]["world"] == 2
     log = open(os.path.join(out, "log.jsonl")).read()
     # one process evaluating the same checkpoint, in the run's folder, finds the same detections and the
     # same AP, written to eval.json: the training run's results and log stay as they were
     run_script("eval_det.py", CLI + ["--data-path", data, "--output", out, "--eval-only",
-                                     "--save-predictions", str(tmp_path / "one.json")], tmp_path)
+                                     "--save-predictions", str(tmp_path / "one")], tmp_path)
     single = json.load(open(os.path.join(out, "eval.json")))
     assert json.load(open(os.path.join(out, "results.json"))) == results
     assert open(os.path.join(out, "log.jsonl")).read() == log
-    ddp_preds, one_preds = (json.load(open(tmp_path / name)) for name in ("ddp.json", "one.json"))
+    ddp_preds, one_preds = (json.load(open(tmp_path / name / "coco_results.json")) for name in ("ddp", "one"))
     assert sorted(p["image_id"] for p in ddp_preds) == sorted(p["image_id"] for p in one_preds)
     assert single["bbox_AP"] == pytest.approx(results["bbox_AP"])
     assert single["segm_AP"] == pytest.approx(results["segm_AP"])
@@ -381,7 +383,7 @@ def test_evaluation_memory_does_not_grow_with_the_number_of_images(tmp_path):
 def test_paste_mask_as_detectron2_by_hand():
     # a mask of ones pasted at a real-valued box covers exactly the pixels whose centres lie in the box:
     # centres x + 0.5 in [10.3, 30.2] -> columns 10..29; y + 0.5 in [20.6, 40.1] -> rows 21..39
-    pasted = det.paste_mask(torch.ones(28, 28), torch.tensor([10.3, 20.6, 30.2, 40.1]), 64, 48)
+    pasted = detection.paste_mask(torch.ones(28, 28), torch.tensor([10.3, 20.6, 30.2, 40.1]), 64, 48)
     expected = np.zeros((64, 48), np.uint8)
     expected[21:40, 10:30] = 1
     assert pasted.shape == (64, 48) and np.array_equal(pasted, expected)
@@ -389,15 +391,15 @@ def test_paste_mask_as_detectron2_by_hand():
     # column 27's centre is 0.75, at column 28's 0.25)
     half = torch.zeros(28, 28)
     half[:, :14] = 1
-    pasted = det.paste_mask(half, torch.tensor([0.0, 0.0, 56.0, 56.0]), 56, 56)
+    pasted = detection.paste_mask(half, torch.tensor([0.0, 0.0, 56.0, 56.0]), 56, 56)
     assert pasted[:, :28].all() and not pasted[:, 28:].any()
-    assert not det.paste_mask(torch.ones(28, 28), torch.tensor([5.0, 5.0, 5.0, 9.0]), 16, 16).any()  # empty box
+    assert not detection.paste_mask(torch.ones(28, 28), torch.tensor([5.0, 5.0, 5.0, 9.0]), 16, 16).any()  # empty box
 
 
 def test_roi_pool_is_aligned_and_picks_the_fpn_level():
     # features whose value is the column index: RoIAlign with aligned=True gives, per output bin, the
     # bin centre in feature coordinates minus the half-pixel offset: (x1 + (j + 0.5) w / 7) / stride - 0.5
-    pool = det.RoIPool(7)
+    pool = detection.RoIPool(7)
     features = {str(k): torch.arange(512 // s, dtype=torch.float32).expand(1, 1, 512 // s, 512 // s).clone()
                 for k, s in enumerate((4, 8, 16, 32))}
     for side, stride in ((40, 4), (112, 8), (250, 16), (460, 32)):   # floor(log2(side / 56)) picks the level
@@ -410,21 +412,21 @@ def test_roi_pool_is_aligned_and_picks_the_fpn_level():
 def test_mask_targets_are_aligned_crops_binarised():
     gt = torch.zeros(1, 40, 40, dtype=torch.uint8)
     gt[0, 8:24, 8:16] = 1   # an object 8 wide and 16 tall
-    exact = det.mask_targets(torch.tensor([[8.0, 8.0, 16.0, 24.0]]), gt, torch.tensor([0]), 28)
+    exact = detection.mask_targets(torch.tensor([[8.0, 8.0, 16.0, 24.0]]), gt, torch.tensor([0]), 28)
     assert exact.shape == (1, 28, 28) and exact.all()
-    wide = det.mask_targets(torch.tensor([[8.0, 8.0, 24.0, 24.0]]), gt, torch.tensor([0]), 28)
+    wide = detection.mask_targets(torch.tensor([[8.0, 8.0, 24.0, 24.0]]), gt, torch.tensor([0]), 28)
     assert wide[0, :, :14].all() and not wide[0, :, 14:].any()   # the box is twice the object's width
 
 
 def test_box_loss_is_smooth_l1_beta_1_over_the_sampled_rois():
     deltas, targets = torch.tensor([[0.5, 2.0, 0.0, -1.0]]), torch.zeros(1, 4)
     # 0.5 * 0.5^2 + (2 - 0.5) + 0 + 0.5 * 1^2 = 0.125 + 1.5 + 0.5, over 4 sampled RoIs
-    assert det.box_regression_loss(deltas, targets, 4).item() == pytest.approx(2.125 / 4)
+    assert detection.box_regression_loss(deltas, targets, 4).item() == pytest.approx(2.125 / 4)
 
 
 def test_later_stages_start_from_refined_rois_without_the_added_ground_truth():
     torch.manual_seed(0)
-    heads = det.CascadeRoIHeads(32, 3, rois_per_image=16, conv_dims=(32,), fc_dim=16, mask_dims=(32,)).train()
+    heads = detection.CascadeRoIHeads(32, 3, rois_per_image=16, conv_dims=(32,), fc_dim=16, mask_dims=(32,)).train()
     features = {str(i): torch.randn(1, 32, 32 // 2**i, 32 // 2**i) for i in range(4)}
     proposals = [torch.tensor([[2.0, 2, 30, 30], [0, 0, 60, 60], [10, 12, 40, 50]])]
     masks = torch.zeros(1, 128, 128, dtype=torch.uint8)
@@ -447,7 +449,7 @@ def test_later_stages_start_from_refined_rois_without_the_added_ground_truth():
 def test_boxes_are_decoded_in_float32_under_bf16_autocast():
     # a proposal at real-valued coordinates near 1,000 px through a stage that predicts no change:
     # bf16 (8 bits of mantissa) would round it to multiples of 4-8 px
-    heads = det.CascadeRoIHeads(32, 3, conv_dims=(32,), fc_dim=16, mask_dims=(32,)).eval()
+    heads = detection.CascadeRoIHeads(32, 3, conv_dims=(32,), fc_dim=16, mask_dims=(32,)).eval()
     for regressor in heads.regressors:
         torch.nn.init.zeros_(regressor.weight), torch.nn.init.zeros_(regressor.bias)
     features = {str(i): torch.randn(1, 32, 320 // 2**i, 320 // 2**i) for i in range(4)}
@@ -456,7 +458,7 @@ def test_boxes_are_decoded_in_float32_under_bf16_autocast():
         logits, deltas = heads.stage(0, features, [box])
         refined = heads.refine(0, deltas, [box], [(1280, 1280)])
     assert deltas.dtype == torch.float32 and torch.allclose(refined[0], box, atol=1e-3)
-    rpn = det.RPNHead32(32, 3)
+    rpn = detection.RPNHead32(32, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         objectness, rpn_deltas = rpn([features["0"]])
     assert objectness[0].dtype == rpn_deltas[0].dtype == torch.float32
@@ -503,7 +505,7 @@ def segm_by_area_case(tmp_path):
 def test_mask_ap_by_size_uses_mask_areas(tmp_path):
     coco_gt, results = segm_by_area_case(tmp_path)
     before = json.loads(json.dumps(results))
-    scores = det.coco_evaluate(coco_gt, results)
+    scores = detection.coco_evaluate(coco_gt, results)
     # by mask area the false positive is small: ranked first, it halves precision at full recall
     assert scores["segm"]["APs"] == pytest.approx(50.0)
     # by box area (the box kind's rule) it is medium and ignored among small objects
@@ -526,7 +528,7 @@ def test_segm_only_results_file(tmp_path):
     reference.evaluate()
     reference.accumulate()
     reference.summarize()
-    for name, v in zip(det.STAT_NAMES, reference.stats[:6]):
+    for name, v in zip(detection.STAT_NAMES, reference.stats[:6]):
         assert scored[f"segm_{name}"] == (pytest.approx(100 * v) if v >= 0 else None), name
 
 

@@ -1,7 +1,9 @@
 """engine.py, the run skeleton the three scripts share: exact resume with fp16 loss scaling."""
 import dataclasses
+import inspect
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,3 +167,32 @@ def test_a_typed_flag_beats_every_recipe_and_the_first_recipe_beats_the_next():
 def test_impossible_batch_splits_stop_with_the_flags_named(batch, accum):
     with pytest.raises(SystemExit, match="--batch-size"):
         engine.micro_batch(batch, engine.Run(), accum)
+
+
+@pytest.mark.parametrize("module", ["train", "eval_seg", "eval_det"])
+def test_advice_on_a_loss_that_is_not_finite_names_only_the_scripts_flags(module):
+    script = __import__(module)
+    remedies = getattr(script, "NONFINITE_REMEDIES",
+                       inspect.signature(engine.check_finite).parameters["remedies"].default)
+    with pytest.raises(SystemExit, match=re.escape(remedies)):
+        engine.check_finite(torch.tensor(float("nan")), "step 1", "out", remedies)
+    named = set(re.findall(r"--[a-z][a-z0-9-]*", remedies))
+    options = {option for action in script.get_args_parser()._actions for option in action.option_strings}
+    assert named and named <= options, named - options
+
+
+RECIPES = {"train": lambda m: [m.COMMON, m.DEMO_MODEL] + [r for recipe in m.RECIPES.values()
+                                                          for r in (recipe, recipe.get("large", {}))],
+           "eval_seg": lambda m: [m.PAPER, m.DEMO], "eval_det": lambda m: [m.PAPER, m.DEMO]}
+
+
+@pytest.mark.parametrize("module", ["train", "eval_seg", "eval_det"])
+def test_no_parser_default_shadows_a_recipe_value(module):
+    # merge_recipe lets a flag's non-None value win over every recipe: a flag that a recipe sets must
+    # default to None, or the recipe's value would never be used
+    script = __import__(module)
+    keys = {key for recipe in RECIPES[module](script) for key in recipe}
+    defaults = {action.dest: action.default for action in script.get_args_parser()._actions}
+    shadowing = {key: defaults[key] for key in keys & set(defaults) if defaults[key] is not None}
+    assert shadowing == {}
+    assert len(keys & set(defaults)) >= 10   # the recipes do set flags

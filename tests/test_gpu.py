@@ -13,14 +13,13 @@ runs TF32 even for float32 inputs, which mamba-ssm's own tests allow for with rt
 (tests/ops/triton/test_ssd.py), and FlashAttention keeps its softmax statistics in float32 but its
 probabilities in the input dtype.
 """
-import os
 
 import pytest
 import torch
 
 import pixelvit as pv
 
-REQUIRED = os.environ.get("PIXELVIT_REQUIRE_KERNELS") == "1"
+REQUIRED = pv.REQUIRE_KERNELS
 PIXELS_224 = 224 * 224 + 2      # the mixer sees N + CLS + the heading-average token
 FLOOR = {torch.float32: 3e-3, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 

@@ -22,7 +22,7 @@ CUDA_BF16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)   # what k
 @pytest.fixture(autouse=True)
 def fresh_kernel_lookup(monkeypatch):
     """Each test looks the kernels up afresh and leaves no cached stand-in behind."""
-    monkeypatch.delenv("PIXELVIT_REQUIRE_KERNELS", raising=False)
+    monkeypatch.setattr(pv, "REQUIRE_KERNELS", False)
     monkeypatch.setattr(pv, "KERNEL_PROBLEMS", {})
     for lookup in LOOKUPS:
         lookup.cache_clear()
@@ -126,7 +126,7 @@ def test_missing_kernels_warn_with_the_reason_only_where_cuda_is(monkeypatch):
 
 
 def test_required_kernels_fail_only_the_mixer_that_lacks_one(monkeypatch):
-    monkeypatch.setenv("PIXELVIT_REQUIRE_KERNELS", "1")
+    monkeypatch.setattr(pv, "REQUIRE_KERNELS", True)
     attention, mixer = pv.Attention(64, 4), pv.Mamba2Mixer(64, d_state=16, headdim=16)
     # flash-attn missing, mamba-ssm's Triton SSD there: only attention on CUDA is an error
     install_mamba_ssm(monkeypatch, causal_conv1d_fn=None)

@@ -1,5 +1,7 @@
 """Models: official key layout and sizes, equivalence with independent references, the API."""
 import dataclasses
+import os
+import re
 
 import pytest
 import torch
@@ -147,8 +149,8 @@ def test_adventurer_default_mixer_sizes_match_reference():
 
 def blocks_of_16_tokens(monkeypatch, shape, **changes):
     """Force the PyTorch path's `shape` ("cpu" or "accelerator"), cut into blocks of 16 tokens."""
-    monkeypatch.setitem(pv.TORCH_SHAPES, shape, dataclasses.replace(pv.TORCH_SHAPES[shape], block=16, **changes))
-    monkeypatch.setattr(pv, "TORCH_SHAPE", shape)
+    monkeypatch.setitem(pv.SCAN_PLANS, shape, dataclasses.replace(pv.SCAN_PLANS[shape], block=16, **changes))
+    monkeypatch.setattr(pv, "SCAN_PLAN", shape)
 
 
 @pytest.mark.parametrize("shape", ["cpu", "accelerator"])
@@ -354,6 +356,27 @@ def test_aliases_and_names():
         d = pv.create_model("deit_small_patch16_224")
     assert (m.patch_size, m.embed_dim, len(m.layers), type(m).__name__) == (1, 768, 12, "Adventurer")
     assert (d.patch_size, d.embed_dim, len(d.blocks), type(d).__name__) == (16, 384, 12, "DeiT")
+
+
+def test_create_model_takes_timms_keyword_names():
+    with torch.device("meta"):
+        ours = pv.create_model("adv_t", patch=8, res=64, drop_path=0.1)
+        timms = pv.create_model("adv_t", patch_size=8, img_size=(64, 64), drop_path_rate=0.1)
+        assert pv.create_model("deit_t", img_size=96).cfg.res == 96
+    assert ours.cfg == timms.cfg and (timms.patch_size, timms.cfg.res, timms.cfg.drop_path) == (8, 64, 0.1)
+    with pytest.raises(ValueError, match=r"patch=8 and patch_size=4 were both given"):
+        pv.create_model("adv_t", patch=8, patch_size=4)
+    with pytest.raises(ValueError, match=r"img_size must be an int or a square \(h, w\), got \(64, 32\)"):
+        pv.create_model("adv_t", img_size=(64, 32))
+
+
+def test_all_is_the_readmes_api():
+    # every public name is shown in the README, and every `pv.` name the README uses is public
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    api = readme[readme.index("```python"):readme.index("## Past one GPU")]
+    assert [name for name in pv.__all__ if f"`{name}" not in api and f"pv.{name}" not in api] == []
+    used = set(re.findall(r"\bpv\.([A-Za-z_]\w*)", api))
+    assert used <= set(pv.__all__), used - set(pv.__all__)
 
 
 def test_backends_reports_the_path_taken():

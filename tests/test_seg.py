@@ -12,6 +12,7 @@ import demo_data
 import engine
 import eval_seg as seg
 import pixelvit as pv
+import segmentation
 from helpers import run_and_kill, run_elastic_and_kill, run_script, same_run_without_and_with_context_parallel
 
 TINY = ["--model", "adv_t", "--embed-dim", "32", "--depth", "4", "--d-state", "16", "--patch", "4",
@@ -22,7 +23,7 @@ TINY = ["--model", "adv_t", "--embed-dim", "32", "--depth", "4", "--d-state", "1
 
 def test_metrics_by_hand():
     # two images, 3 classes, 255 ignored. Class 2 never appears (absent from both: left out).
-    m = seg.SegMetric(3)
+    m = segmentation.SegMetric(3)
     m.update(torch.tensor([0, 0, 1, 1, 0]), torch.tensor([0, 1, 1, 255, 0]))
     m.update(torch.tensor([1, 1, 0]), torch.tensor([1, 0, 255]))
     # kept pixels (pred, label): (0,0) (0,1) (1,1) (0,0) | (1,1) (1,0)
@@ -35,14 +36,14 @@ def test_metrics_by_hand():
 
 
 def test_a_class_predicted_but_never_labelled_counts_as_zero():
-    m = seg.SegMetric(3)
+    m = segmentation.SegMetric(3)
     m.update(torch.tensor([0, 2, 1]), torch.tensor([0, 0, 1]))
     # class 0: I 1, U 2; class 1: I 1, U 1; class 2: I 0, U 1 -> IoU 0, counted
     assert m.compute()["mIoU"] == pytest.approx(100 * (0.5 + 1 + 0) / 3)
 
 
 def test_metric_sums_over_the_set_not_per_image_means():
-    m = seg.SegMetric(2)
+    m = segmentation.SegMetric(2)
     m.update(torch.tensor([0] * 9 + [1]), torch.tensor([0] * 10))   # big image: class 0, I 9 U 10
     m.update(torch.tensor([1]), torch.tensor([0]))                  # small image: class 0, I 0 U 1
     assert m.compute()["per_class_iou"][0] == pytest.approx(100 * 9 / 11)
@@ -61,7 +62,7 @@ def test_train_pipeline_keeps_image_and_mask_aligned():
         x, y = seg.train_pipeline(image, label, crop=64, short_side=96, photometric=False)
         assert x.shape == (3, 64, 64) and y.shape == (64, 64)
         red = x[0] > x[1] + 1.0          # normalised red channel well above green
-        valid = y != seg.IGNORE
+        valid = y != segmentation.IGNORE
         agree = (red == (y == 1))[valid].float().mean()
         assert agree > 0.97, trial       # only resampling at the rectangle's border may differ
 
@@ -77,7 +78,7 @@ def test_a_small_crop_is_padded_after_normalisation_at_the_bottom_and_right():
         x, y = seg.train_pipeline(image, label, crop=64, short_side=16, photometric=False)  # short side 8..32
         h, w = int((y[:, 0] == 0).sum()), int((y[0] == 0).sum())
         assert 0 < h < 64 and 0 < w < 64 and (y[:h, :w] == 0).all()
-        assert (y[h:] == seg.IGNORE).all() and (y[:, w:] == seg.IGNORE).all()
+        assert (y[h:] == segmentation.IGNORE).all() and (y[:, w:] == segmentation.IGNORE).all()
         assert (x[:, h:] == 0).all() and (x[:, :, w:] == 0).all()
         assert torch.allclose(x[:, :h, :w], seven[:, None, None].expand(3, h, w))
 
@@ -128,10 +129,10 @@ def aux_formula(C, classes=150):
 def test_head_sizes(name, paper_head_m):
     with torch.device("meta"):
         backbone = pv.create_model(name, patch=16, res=512, num_classes=0)
-        upernet = seg.Segmenter(backbone, "upernet", 150)
-        linear = seg.Segmenter(backbone, "linear", 150)
+        upernet = segmentation.Segmenter(backbone, "upernet", 150)
+        linear = segmentation.Segmenter(backbone, "linear", 150)
     C = backbone.embed_dim
-    ch = seg.UPERNET_CHANNELS[C]
+    ch = segmentation.UPERNET_CHANNELS[C]
     assert upernet.head_parameters() == upernet_formula(C, ch) + aux_formula(C)
     assert upernet.head_parameters() / 1e6 == pytest.approx(paper_head_m, rel=0.06)
     assert linear.head_parameters() == C * 150 + 150   # 0.115 M for B: the paper's "0.2 M" is rounded up
@@ -142,11 +143,11 @@ def test_head_sizes(name, paper_head_m):
 def test_segmenter_outputs_at_every_patch(head, patch):
     torch.manual_seed(0)
     backbone = pv.create_model("adv_t", patch=patch, res=32, embed_dim=32, depth=4, d_state=16, num_classes=0)
-    model = seg.Segmenter(backbone, head, 11).train()
+    model = segmentation.Segmenter(backbone, head, 11).train()
     logits, aux = model(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 11, 32, 32)
     assert (aux is None) == (head == "linear")
-    maps = seg.to_strides([torch.zeros(1, 8, 32 // patch, 32 // patch)] * 4, patch)
+    maps = segmentation.to_strides([torch.zeros(1, 8, 32 // patch, 32 // patch)] * 4, patch)
     assert [m.shape[-1] for m in maps] == [8, 4, 2, 1]   # strides 4, 8, 16, 32 of a 32 px input
 
 
@@ -155,7 +156,7 @@ def test_slide_inference_covers_every_pixel_once_averaged():
         def forward(self, x):
             return x[:, :1], None
     image = torch.arange(50 * 70, dtype=torch.float32).view(1, 1, 50, 70).expand(1, 3, 50, 70)
-    out = seg.predict_slide(Ones(), image, patch=1, crop=32, stride=21)
+    out = segmentation.predict_slide(Ones(), image, patch=1, crop=32, stride=21)
     assert torch.allclose(out, image[:, :1])  # overlapping windows average to the same values
 
 
@@ -232,6 +233,26 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path):
     a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)["model"]
     b = torch.load(os.path.join(killed, "checkpoint.pth"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the logged train_loss, a mean over the 12 iterations since the start, the killed run's included
+    assert log_lines(tmp_path / "straight")[-1]["train_loss"] == log_lines(killed)[-1]["train_loss"]
+
+
+def log_lines(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
+
+
+def test_the_logged_train_loss_is_the_mean_since_the_previous_evaluation(tmp_path):
+    # evaluating does not change training (each step seeds its own draws): a run that evaluates after
+    # every iteration logs each iteration's loss, and one that evaluates every 2 logs their pair means
+    data = demo_data.write_digit_scenes(str(tmp_path / "ade"), n_train=8, n_val=2, size=32)
+    common = TINY + ["--data-path", data, "--num-classes", "5", "--iters", "4"]
+    for every in ("1", "2"):
+        run(common + ["--eval-every", every, "--output", str(tmp_path / every)], tmp_path)
+    each, pairs = (log_lines(tmp_path / every) for every in ("1", "2"))
+    losses = [line["train_loss"] for line in each]
+    assert [line["iter"] for line in pairs] == [2, 4] and len(set(losses)) == 4
+    assert [line["train_loss"] for line in pairs] == pytest.approx([(losses[0] + losses[1]) / 2,
+                                                                     (losses[2] + losses[3]) / 2], rel=1e-12)
 
 
 def test_bad_folders_and_annotations(tmp_path):

@@ -11,7 +11,7 @@ def shape(request, monkeypatch):
     """Every test below in both shapes of the PyTorch path: the CPU's (cache-sized blocks, a loop over
     chunks, float64 decay sums) and the accelerators' (large blocks, the chunk states passed with one
     decay matrix, decay sums in the compute dtype), both forced here on the CPU."""
-    monkeypatch.setattr(pv, "TORCH_SHAPE", request.param)
+    monkeypatch.setattr(pv, "SCAN_PLAN", request.param)
     return request.param
 
 
@@ -184,7 +184,7 @@ def test_the_two_shapes_agree_on_the_same_inputs(shape):
     weights = torch.randn(2, 300, 4, 8, generator=torch.Generator().manual_seed(1))
     results = []
     for name in ("cpu", "accelerator"):
-        y = pv.ssd_chunked(*inputs, chunk_size=64, block_size=128, shape=pv.TORCH_SHAPES[name])
+        y = pv.ssd_chunked(*inputs, chunk_size=64, block_size=128, plan=pv.SCAN_PLANS[name])
         results.append((y, *torch.autograd.grad((y * weights).sum(), inputs)))
     for what, cpu, accelerator in zip("y dx ddt dA dB dC".split(), *results):
         assert torch.allclose(cpu, accelerator, rtol=1e-4, atol=1e-5 * cpu.abs().max().item()), what

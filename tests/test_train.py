@@ -28,7 +28,7 @@ DEMO_DATA = TINY + ["--data", "digits"]   # the tiny model on the bundled digits
     ("finetune", "table9", "Small/Base", "adv_b"), ("finetune", "table9", "Large", "adv_l")])
 def test_adventurer_recipes_equal_the_paper(stage, table, column, model):
     paper, ours = PAPER[table], train.recipe(stage, model)
-    assert ours["lr"] == paper["base_learning_rate"][column]
+    assert ours["blr"] == paper["base_learning_rate"][column]
     assert ours["weight_decay"] == paper["weight_decay"][column]
     assert ours["epochs"] == paper["epochs"][column]
     assert list(ours["opt_betas"]) == paper["optimizer_betas"][column]
@@ -56,7 +56,8 @@ def test_deit_recipe_equals_the_paper_text():
     text, ours = PAPER["text_numbers"]["vit_imagenet_recipe_sec4_1"], train.recipe("deit", "deit_b")
     assert (ours["epochs"], ours["batch_size"], ours["weight_decay"]) == (text["epochs"], text["batch_size"],
                                                                           text["weight_decay"])
-    assert ours["lr"] * ours["batch_size"] / 512 == text["learning_rate"]  # scaled as the official code does
+    assert ours["blr"] * ours["batch_size"] / 512 == text["learning_rate"]  # scaled as the official code does
+    assert train.parse_args(["--recipe", "deit", "--model", "deit_b", "--data-path", "x"]).lr == text["learning_rate"]
 
 
 def test_flags_override_the_recipe():
@@ -82,8 +83,12 @@ def test_color_jitter_flag_reaches_both_pipelines():
 
 def test_lr_schedule_by_hand():
     args = train.parse_args(DEMO_DATA + ["--epochs", "10", "--lr", "1e-3", "--min-lr", "1e-5", "--warmup-lr", "1e-6"])
-    assert args.peak_lr == 1e-3   # the demo recipe takes --lr as it is (--unscale-lr)
-    assert train.parse_args(DEMO_DATA + ["--lr", "1e-3", "--no-unscale-lr", "--batch-size", "256"]).peak_lr == 5e-4
+    assert (args.lr, args.blr) == (1e-3, None)   # --lr is the peak, in every script
+    assert train.parse_args(DEMO_DATA + ["--blr", "1e-3", "--batch-size", "256"]).lr == 5e-4   # 1e-3 x 256 / 512
+    stage1 = train.parse_args(["--stage", "pretrain", "--model", "adv_b", "--data-path", "x", "--batch-size", "2048"])
+    assert (stage1.blr, stage1.lr) == (5e-4, 2e-3)   # Table 8's base rate at twice its batch
+    with pytest.raises(SystemExit):
+        train.parse_args(DEMO_DATA + ["--lr", "1e-3", "--blr", "1e-3"])
     assert train.lr_at(0, args, 100) == pytest.approx(1e-6)
     assert train.lr_at(50, args, 100) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))   # half-way through warm-up
     assert train.lr_at(100, args, 100) == pytest.approx(1e-3)                           # peak after 1 epoch

@@ -334,10 +334,13 @@ def dense_backbone(model, patch, input_size, drop_path, finetune=None, grad_ckpt
     try:
         backbone = pv.create_model(model, patch=patch, res=grid * patch, num_classes=0, drop_path=drop_path,
                                    **overrides)
-        if finetune:
-            pv.load_checkpoint(backbone, state, strict=False)
     except (KeyError, ValueError) as e:
         raise SystemExit(f"cannot build the {model} backbone: {e}") from None
+    if finetune:
+        try:
+            pv.load_checkpoint(backbone, state, strict=False)
+        except ValueError:
+            weights_misfit(os.path.basename(sys.argv[0]), "--finetune", finetune, backbone)
     backbone.set_grad_checkpointing(grad_ckpt)
     return backbone.compile_blocks() if compile else backbone
 
@@ -469,6 +472,150 @@ def resume_path(output, resume=None, no_resume=False):
     return resume or (latest if os.path.exists(latest) and not no_resume else None)
 
 
+# ----------------------------------------------------------------------------------------------
+# One folder, one run: a run is continued, or its results returned, only with the settings it was
+# made with. These settings change how a run executes, not what it computes, and may differ:
+EXECUTION_SETTINGS = {
+    "output": "the folder holds the run; a checkpoint resumed from elsewhere continues the same run",
+    "resume": "which checkpoint continues the run",
+    "no_resume": "set, there is nothing to compare: the run starts over",
+    "eval_only": "evaluates weights and trains nothing",
+    "workers": "loader processes: every draw is a function of (seed, epoch, step), not of the loader",
+    "log_every": "how often the loss is printed and checked",
+    "compile": "compiled blocks compute the same functions, to float rounding",
+    "save_every": "when checkpoints are written",
+    "eval_every": "when the validation set is scored: evaluating changes no draw of training",
+    "accum_steps": "how the global batch is cut into micro-batches, as a change of GPU count also does (resuming "
+                   "on fewer GPUs takes more; BatchNorm heads then see other micro-batch statistics)",
+    "context_parallel": "how each image's tokens are shared by processes: the same numbers, tested to rounding",
+    "grad_ckpt": "recomputing blocks in the backward pass gives the same gradients",
+    "fsdp": "sharded parameters take the same updates",
+    "data_path": "where the data is: a dataset moved or mounted elsewhere is the same data",
+    "data_root": "where a bundled data set is kept",
+    "download": "whether torchvision may fetch a missing data set",
+    "ann_file": "where the validation annotations are",
+    "img_dir": "where the validation images are",
+    "visualize": "drawings of validation images",
+    "save_predictions": "where predictions are written",
+    "eval_results": "a results file scored without a model, no training",
+    "benchmark": "times steps on synthetic input, in no run folder",
+    "benchmark_steps": "how many steps --benchmark times",
+}
+
+
+def _comparable(value):
+    return json.loads(json.dumps(value))   # tuples and lists alike, as in the JSON records
+
+
+def recorded_settings(path):
+    """The settings a checkpoint or a results.json was written with (None where none are recorded).
+    A checkpoint is mapped, not read: only its small entries are touched."""
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                return json.load(f).get("args")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise SystemExit(f"cannot read {path}: {e}") from None
+    return ckpt.get("args") if isinstance(ckpt, dict) else None
+
+
+def differing_settings(recorded, settings):
+    """{name: (recorded, now)} for every result-deciding setting that differs."""
+    now = _comparable(jsonable(settings))
+    recorded = _comparable(recorded)
+    missing = "(not recorded)"
+    return {k: (recorded.get(k, missing), now.get(k, missing)) for k in sorted(set(now) | set(recorded))
+            if k not in EXECUTION_SETTINGS and recorded.get(k, missing) != now.get(k, missing)}
+
+
+def check_same_run(script, settings, output, resume):
+    """Stop with exit status 2, before anything in the run folder changes, when the run that would be
+    resumed (`resume`, else a results.json in `output`) was made with other result-deciding settings;
+    --no-resume instead starts over in the folder and says so."""
+    results = os.path.join(output, "results.json")
+    if settings.no_resume:
+        if os.path.exists(results) or os.path.exists(os.path.join(output, "checkpoint.pth")):
+            print(f"--no-resume: starting over in {output}; the run there before is replaced")
+        return
+    previous = resume or (results if os.path.exists(results) else None)
+    recorded = recorded_settings(previous) if previous else None
+    if recorded is None:
+        return
+    differences = differing_settings(recorded, settings)
+    if differences:
+        named = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differences.items())
+        flag_error(script, f"{previous} holds a run with other settings: {named}. A run folder holds one run "
+                           f"(docs/training.md, Resuming): give this one its own --output, or add --no-resume to "
+                           f"start over in {output}, replacing the run there")
+
+
+def describe_weights(path):
+    """What model a checkpoint holds, read off its shapes: 'adv_t at patch 2, 16 px (width 64, depth 4,
+    10 classes)'; a width and depth that no Table 7 model has are given as they are."""
+    state = pv.read_state_dict(path)
+    tokenizer = next((k for k in state if k.endswith("patch_embed.proj.weight")), None)
+    if tokenizer is None:
+        return "no DeiT or Adventurer weights"
+    within = tokenizer[:-len("patch_embed.proj.weight")]     # a dense model's backbone: "backbone.", ...
+    state = {k[len(within):]: v for k, v in state.items() if k.startswith(within)}
+    if "pos_embed" not in state:
+        return "no DeiT or Adventurer weights"
+    prefix = "layers." if any(k.startswith("layers.") for k in state) else "blocks."
+    width, _, patch, _ = state["patch_embed.proj.weight"].shape
+    depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith(prefix)), default=-1)
+    try:
+        args = pv.infer_model_args(state)
+        name, res, classes = args["name"], args["res"], args["num_classes"]
+    except ValueError:
+        name = "an Adventurer" if prefix == "layers." else "a DeiT"
+        res = math.isqrt(state["pos_embed"].shape[1] - 1) * patch
+        classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    classes = f", {classes} classes" if classes else ""
+    return f"{name} at patch {patch}, {res} px (width {width}, depth {depth}{classes})"
+
+
+def describe_model(model):
+    """'adv_t at patch 2, 16 px (width 64, depth 4, 10 classes)'; a dense task's backbone, which takes any
+    input size, as 'an adv_t backbone at patch 2 (width 64, depth 4)'."""
+    cfg = model.cfg
+    if not cfg.num_classes:
+        article = "an" if model.name[0] in "aeiou" else "a"
+        return f"{article} {model.name} backbone at patch {cfg.patch} (width {cfg.embed_dim}, depth {cfg.depth})"
+    return (f"{model.name} at patch {cfg.patch}, {cfg.res} px (width {cfg.embed_dim}, depth {cfg.depth}, "
+            f"{cfg.num_classes} classes)")
+
+
+def run_folder(base, settings, reference, named):
+    """runs/<base>, then the result-deciding settings that differ from the recipe's (`reference`), as
+    flags and values: runs/adv_t_p2_16_demo_embed-dim-32_lr-0.01, so that a sweep without --output gives
+    each run a folder of its own. Past 60 characters the differences are a digest of them instead.
+    `named`: the settings that `base` already names."""
+    def text(key, value):
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            return flag if value else f"no-{flag}"
+        if isinstance(value, float):
+            return f"{flag}-{value:g}"
+        if isinstance(value, list):
+            return f"{flag}-" + "-".join(str(v) for v in value)
+        return f"{flag}-{value}".replace(os.sep, "-")
+    now, reference = _comparable(settings), _comparable(reference)
+    parts = [text(k, now[k]) for k in sorted(now) if k not in EXECUTION_SETTINGS and k not in named
+             and k in reference and now[k] != reference[k]]
+    suffix = "_".join(parts)
+    if len(suffix) > 60:
+        suffix = hashlib.sha1(suffix.encode()).hexdigest()[:10]
+    return os.path.join("runs", f"{base}_{suffix}" if suffix else base)
+
+
+def weights_misfit(script, flag, path, model):
+    """Stop with a short message (exit status 2) for weights that do not fit the model asked for."""
+    flag_error(script, f"{flag} {path} holds {describe_weights(path)}, which does not fit the model asked for, "
+                       f"{describe_model(model)}: name the file's model with --model, --patch, --embed-dim, "
+                       f"--depth, --d-state or --num-heads, or give weights of this model")
+
+
 def keep_log_lines(path, before, key):
     """Drop the log lines of work that a resumed run will redo (their `key` is >= `before`)."""
     if os.path.exists(path):
@@ -517,12 +664,17 @@ def finished_results(run, output):
         return {k: v for k, v in json.load(f).items() if k not in ("args", "run_state")}
 
 
-def load_model_weights(model, path):
-    """The 'model' entry of a checkpoint into `model`, with an error that names the file."""
+def load_model_weights(model, path, script, backbone):
+    """The 'model' entry of a checkpoint into `model`, with an error that names the file, and for weights
+    of another model, what the file holds (`backbone`: the pixelvit model inside `model`)."""
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     except (RuntimeError, EOFError, OSError, KeyError) as e:
-        raise SystemExit(f"--resume {path}: not a checkpoint of this model ({e})") from None
+        raise SystemExit(f"--resume {path}: not a checkpoint ({e})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:   # keys or shapes of another model
+        weights_misfit(script, "--resume", path, backbone)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -318,7 +318,9 @@ def resolve(args):
     if demo:
         engine.refuse_model_run_without_data(flags, "eval_det.py", "the COCO folder")
     s = engine.merge_recipe(flags, DEMO if demo else {}, PAPER)
-    s["output"] = s["output"] or os.path.join("runs", f"det_{s['model']}_p{s['patch']}")
+    reference = engine.merge_recipe(vars(get_args_parser().parse_args([])), DEMO if demo else {}, PAPER)
+    s["output"] = s["output"] or engine.run_folder(f"det_{s['model']}_p{s['patch']}", {k: s[k] for k in flags},
+                                                   reference, named=("model", "patch"))
     data_path = os.path.join(s["output"], "demo_data") if demo else s["data_path"]
     if data_path:
         s["ann_file"] = s["ann_file"] or os.path.join(data_path, "annotations", "instances_val2017.json")
@@ -346,9 +348,12 @@ def score_results_file(cfg):
 
 
 def main(cfg):
-    os.makedirs(cfg.output, exist_ok=True)
     if cfg.eval_results:
+        os.makedirs(cfg.output, exist_ok=True)
         return score_results_file(cfg)
+    if not cfg.eval_only:   # before anything in the run folder changes
+        engine.check_same_run("eval_det.py", cfg, cfg.output, engine.resume_path(cfg.output, cfg.resume, cfg.no_resume))
+    os.makedirs(cfg.output, exist_ok=True)
     run = engine.context_parallel(engine.setup(cfg.amp), cfg.context_parallel, "eval_det.py")
     if cfg.demo:
         engine.write_demo_data(run, cfg.data_path, demo_data.write_digit_coco)
@@ -362,7 +367,7 @@ def main(cfg):
     if cfg.eval_only:
         if not resume:
             raise SystemExit("--eval-only needs weights: --resume CHECKPOINT, or a run in --output")
-        engine.load_model_weights(model, resume)
+        engine.load_model_weights(model, resume, "eval_det.py", model.backbone.body)
         wrapped = engine.data_parallel(model, run)
         metrics = dict(evaluate(wrapped, val_set, cfg, run), val_loss=validation_loss(wrapped, val_set, cfg, run))
         metrics = engine.write_eval(run, cfg.output, cfg, dict(metrics, weights=resume))

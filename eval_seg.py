@@ -326,7 +326,10 @@ def resolve(args):
     s = engine.merge_recipe(flags, DEMO if demo else {}, PAPER)
     if s["crop"] % s["patch"]:
         engine.flag_error("eval_seg.py", f"--crop {s['crop']} must be a multiple of --patch {s['patch']}")
-    s["output"] = s["output"] or os.path.join("runs", f"seg_{s['model']}_p{s['patch']}_{s['head']}")
+    reference = engine.merge_recipe(vars(get_args_parser().parse_args([])), DEMO if demo else {}, PAPER)
+    s["output"] = s["output"] or engine.run_folder(f"seg_{s['model']}_p{s['patch']}_{s['head']}",
+                                                   {k: s[k] for k in flags}, reference,
+                                                   named=("model", "patch", "head"))
     s.update(demo=demo, data_path=os.path.join(s["output"], "demo_data") if demo else s["data_path"])
     return engine.settings_of(SegConfig, s)
 
@@ -379,6 +382,8 @@ def validate(model, val_set, cfg, run):
 
 
 def main(cfg):
+    if not cfg.eval_only:   # before anything in the run folder changes
+        engine.check_same_run("eval_seg.py", cfg, cfg.output, engine.resume_path(cfg.output, cfg.resume, cfg.no_resume))
     run = engine.context_parallel(engine.setup(cfg.amp), cfg.context_parallel, "eval_seg.py")
     os.makedirs(cfg.output, exist_ok=True)
     if cfg.demo:
@@ -397,7 +402,7 @@ def main(cfg):
     if cfg.eval_only:
         if not resume:
             raise SystemExit("--eval-only needs weights: --resume CHECKPOINT, or a run in --output")
-        engine.load_model_weights(model, resume)
+        engine.load_model_weights(model, resume, "eval_seg.py", model.backbone)
         metrics = engine.write_eval(run, cfg.output, cfg, dict(validate(engine.data_parallel(model, run), val_set,
                                                                          cfg, run), weights=resume))
         engine.finish()

@@ -223,7 +223,11 @@ def resolve(args):
     name = flags["stage"] or flags["recipe"] or ("demo" if data == "digits" else
                                                  "deit" if model.startswith("deit") else "pretrain")
     benchmark = dict(batch_size=8) if flags["benchmark"] else {}  # per device: the benchmark runs on one
-    s = engine.merge_recipe(flags, benchmark, DEMO_MODEL if demo else {}, recipe(name, model), dict(patch=16))
+    recipes = (benchmark, DEMO_MODEL if demo else {}, recipe(name, model), dict(patch=16))
+    s = engine.merge_recipe(flags, *recipes)
+    # the recipe's own values (no flag typed), for the default folder's name
+    reference = engine.merge_recipe(vars(get_args_parser().parse_args([])), *recipes)
+    chosen = {k: s[k] for k in flags}
     s.update(data=data, model=model, recipe=name, aa=None if s["aa"] in (None, "none") else s["aa"],
              opt_betas=tuple(s["opt_betas"]))
     if s["res"] % s["patch"]:
@@ -232,7 +236,8 @@ def resolve(args):
         engine.flag_error("train.py", "--data folder needs --data-path")
     if s["context_parallel"] > 1 and (s["fsdp"] or s["benchmark"]):
         engine.flag_error("train.py", "--context-parallel runs with DDP, not with --fsdp or --benchmark")
-    s["output"] = s["output"] or os.path.join("runs", f"{model}_p{s['patch']}_{s['res']}_{name}")
+    s["output"] = s["output"] or engine.run_folder(f"{model}_p{s['patch']}_{s['res']}_{name}", chosen, reference,
+                                                   named=("model", "patch", "res", "stage", "recipe"))
     if flags["lr"] is not None and flags["blr"] is not None:
         engine.flag_error("train.py", "--lr is the peak rate and --blr the base rate it is scaled from: give one")
     if flags["lr"] is None and (flags["blr"] is not None or s["lr"] is None):
@@ -582,6 +587,8 @@ def main(cfg):
     run = engine.setup(cfg.amp)
     if cfg.benchmark:
         return benchmark(cfg, run)
+    if not cfg.eval_only:   # before anything in the run folder changes
+        engine.check_same_run("train.py", cfg, cfg.output, engine.resume_path(cfg.output, cfg.resume, cfg.no_resume))
     engine.context_parallel(run, cfg.context_parallel, "train.py")
     if cfg.fsdp and not dist.is_initialized():
         raise SystemExit("--fsdp shards over processes: launch with torchrun")
@@ -607,9 +614,14 @@ def main(cfg):
     model = build_model(cfg, num_classes)
     if init:
         try:
-            pv.load_checkpoint(model, init)
+            weights = pv.read_state_dict(init)
         except (KeyError, ValueError) as e:
             raise SystemExit(f"{init}: {e}") from None
+        try:
+            pv.load_checkpoint(model, weights)
+        except (KeyError, ValueError):   # the keys of another architecture, the shapes of another size
+            flag = "--finetune" if init == cfg.finetune else "--resume" if cfg.resume else "--eval-only"
+            engine.weights_misfit("train.py", flag, init, model)
     model.set_grad_checkpointing(cfg.grad_ckpt)
     engine.share_images(model, run, "train.py")
     model.to(run.device)

@@ -15,7 +15,13 @@ import detection
 import engine
 import eval_det as det
 import pixelvit as pv
-from helpers import run_and_kill, run_script, same_run_without_and_with_context_parallel
+from helpers import (
+    check_one_run_per_folder,
+    check_refused,
+    run_and_kill,
+    run_script,
+    same_run_without_and_with_context_parallel,
+)
 
 
 def tiny_backbone(patch, res=128):
@@ -293,7 +299,8 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path):
     state = run_and_kill("eval_det.py", common + ["--output", killed], tmp_path, os.path.join(killed, "checkpoint.pth"),
                          ready=lambda ckpt: True)
     assert state["iter"] < 8, "the run finished before it could be killed"
-    run_script("eval_det.py", common + ["--output", killed], tmp_path)
+    check_refused("eval_det.py", common + ["--output", killed, "--lr", "0.5"], tmp_path, killed, "lr ")
+    run_script("eval_det.py", common + ["--output", killed, "--workers", "1"], tmp_path)   # other loader processes
     a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)["model"]
     b = torch.load(os.path.join(killed, "checkpoint.pth"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -544,7 +551,13 @@ def test_resume_keeps_one_log_line_per_evaluation(tmp_path):
     data = demo_data.write_digit_coco(str(tmp_path / "coco"), n_train=6, n_val=1)
     out = str(tmp_path / "run")
     run_script("eval_det.py", CLI + ["--data-path", data, "--max-iters", "1", "--output", out], tmp_path)
-    with open(os.path.join(out, "log.jsonl"), "a") as f:   # an evaluation logged after the checkpoint
+    # what a run of 2 iterations killed after logging its second evaluation leaves: the checkpoint of
+    # iteration 1 (its settings those of the 2-iteration run), a log line after it, no results
+    checkpoint = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    checkpoint["args"]["max_iters"] = 2
+    torch.save(checkpoint, os.path.join(out, "checkpoint.pth"))
+    os.remove(os.path.join(out, "results.json"))
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
         f.write(json.dumps(dict(iter=2, bbox_AP=0.0)) + "\n")
     run_script("eval_det.py", CLI + ["--data-path", data, "--max-iters", "2", "--output", out], tmp_path)
     assert [json.loads(line)["iter"] for line in open(os.path.join(out, "log.jsonl"))] == [1, 2]
@@ -561,3 +574,11 @@ def test_context_parallel_trains_as_one_process(tmp_path):
     one, cp = same_run_without_and_with_context_parallel(tmp_path)
     assert cp["bbox_AP"] == pytest.approx(one["bbox_AP"], abs=0.05)
     assert cp["val_loss"] == pytest.approx(one["val_loss"], rel=1e-3)
+
+
+def test_a_run_folder_holds_one_run(tmp_path):
+    data = demo_data.write_digit_coco(str(tmp_path / "coco"), n_train=4, n_val=2)
+    out = str(tmp_path / "run")
+    args = CLI + ["--data-path", data, "--output", out, "--max-iters", "2"]
+    run_script("eval_det.py", args, tmp_path)
+    check_one_run_per_folder("eval_det.py", args, tmp_path, out, lr="0.5")

@@ -196,3 +196,22 @@ def test_no_parser_default_shadows_a_recipe_value(module):
     shadowing = {key: defaults[key] for key in keys & set(defaults) if defaults[key] is not None}
     assert shadowing == {}
     assert len(keys & set(defaults)) >= 10   # the recipes do set flags
+
+
+def test_a_sweep_without_output_gives_each_run_a_folder_of_its_own():
+    import eval_seg
+    import train
+    base = ["--data", "digits", "--model", "adv_t", "--epochs", "1", "--patch", "8", "--embed-dim", "32"]
+    assert train.parse_args([]).output == os.path.join("runs", "adv_t_p2_16_demo")   # the demo as it always was
+    assert train.parse_args(base + ["--lr", "0.01"]).output == \
+        os.path.join("runs", "adv_t_p8_16_demo_data-digits_embed-dim-32_epochs-1_lr-0.01")
+    # every setting that decides the result and differs from the recipe is in the name; how a run
+    # executes (workers, compile, cadence) is not
+    sweep = [[], ["--lr", "0.01"], ["--seed", "1"], ["--batch-size", "32"], ["--drop-path", "0.1"], ["--ema"]]
+    assert len({train.parse_args(base + extra).output for extra in sweep}) == len(sweep)
+    assert train.parse_args(base + ["--workers", "2", "--compile", "--save-every", "5"]).output == \
+        train.parse_args(base).output
+    assert train.parse_args(base + ["--lr", "2e-3"]).output == train.parse_args(base).output   # the recipe's own
+    assert eval_seg.parse_args(["--mode", "whole"]).output == os.path.join("runs", "seg_adv_t_p4_linear_mode-whole")
+    many = ["--smoothing", "0.2", "--mixup", "0.5", "--cutmix", "0.3", "--reprob", "0.1"]
+    assert re.fullmatch(r"runs/adv_t_p8_16_demo_[0-9a-f]{10}", train.parse_args(base + many).output)   # a digest

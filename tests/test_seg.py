@@ -13,7 +13,14 @@ import engine
 import eval_seg as seg
 import pixelvit as pv
 import segmentation
-from helpers import run_and_kill, run_elastic_and_kill, run_script, same_run_without_and_with_context_parallel
+from helpers import (
+    check_one_run_per_folder,
+    check_refused,
+    run_and_kill,
+    run_elastic_and_kill,
+    run_script,
+    same_run_without_and_with_context_parallel,
+)
 
 TINY = ["--model", "adv_t", "--embed-dim", "32", "--depth", "4", "--d-state", "16", "--patch", "4",
         "--workers", "0", "--crop", "32", "--stride", "21", "--batch-size", "4", "--warmup-iters", "2"]
@@ -229,7 +236,8 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path):
     state = run_and_kill("eval_seg.py", common + ["--output", killed], tmp_path, os.path.join(killed, "checkpoint.pth"),
                          ready=lambda ckpt: True)
     assert state["iter"] < 12, "the run finished before it could be killed"
-    run(common + ["--output", killed], tmp_path)
+    check_refused("eval_seg.py", common + ["--output", killed, "--lr", "0.5"], tmp_path, killed, "lr ")
+    run(common + ["--output", killed, "--workers", "1"], tmp_path)   # the same run, other loader processes
     a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)["model"]
     b = torch.load(os.path.join(killed, "checkpoint.pth"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -300,3 +308,11 @@ def test_context_parallel_trains_and_scores_as_one_process(tmp_path):
     run(common + ["--output", str(tmp_path / "cp"), "--context-parallel", "2"], tmp_path, nproc=2)
     one, cp = same_run_without_and_with_context_parallel(tmp_path)
     assert cp["val_images"] == 5 and cp["mIoU"] == pytest.approx(one["mIoU"], abs=1e-3)
+
+
+def test_a_run_folder_holds_one_run(tmp_path):
+    data = demo_data.write_digit_scenes(str(tmp_path / "ade"), n_train=4, n_val=2, size=32)
+    out = str(tmp_path / "run")
+    args = TINY + ["--data-path", data, "--num-classes", "5", "--iters", "2", "--output", out]
+    run(args, tmp_path)
+    check_one_run_per_folder("eval_seg.py", args, tmp_path, out, lr="0.5")

@@ -12,7 +12,7 @@ import demo_data
 import engine
 import pixelvit as pv
 import train
-from helpers import ROOT, run_and_kill, run_elastic_and_kill, run_script
+from helpers import ROOT, check_one_run_per_folder, check_refused, run_and_kill, run_elastic_and_kill, run_script
 
 PAPER = json.load(open(os.path.join(ROOT, "notebooks", "paper_tables.json")))
 TINY = ["--model", "adv_t", "--embed-dim", "32", "--depth", "2", "--d-state", "16", "--patch", "4",
@@ -224,7 +224,9 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path):
     state = run_and_kill("train.py", common + ["--output", killed], tmp_path, os.path.join(killed, "checkpoint.pth"),
                          ready=lambda ckpt: ckpt["epoch"] >= 1)  # a checkpoint from inside epoch 1
     assert (state["epoch"], state["step"]) != (3, 0), "the run finished before it could be killed"
-    run(common + ["--output", killed], tmp_path)  # resumes automatically from OUTPUT/checkpoint.pth
+    check_refused("train.py", common + ["--output", killed, "--lr", "0.01"], tmp_path, killed, "lr ")
+    # resumes automatically from OUTPUT/checkpoint.pth, the same run with loader processes of its own
+    run(common + ["--output", killed, "--workers", "1"], tmp_path)
 
     for key in ("model", "ema"):
         a, b = final_weights(str(tmp_path / "straight"), key), final_weights(killed, key)
@@ -255,8 +257,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     run(TINY + ["--data-path", data, "--output", out, "--epochs", "1", "--batch-size", "4"], tmp_path)
     before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
+    # a new run in that folder (--no-resume) whose loss turns NaN writes no checkpoint over the last one
     proc = run(TINY + ["--data-path", data, "--output", out, "--epochs", "2", "--batch-size", "4", "--lr", "1e30",
-                       "--warmup-epochs", "0", "--log-every", "1"], tmp_path, check=False)
+                       "--warmup-epochs", "0", "--log-every", "1", "--no-resume"], tmp_path, check=False)
     assert proc.returncode != 0 and "loss is nan" in proc.stderr.lower() and "checkpoint" in proc.stderr
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
 
@@ -271,7 +274,9 @@ def test_bad_data_path_and_checkpoint(tmp_path):
     torch.save(pv.create_model("deit_t", depth=2, embed_dim=32, num_heads=2).state_dict(), deit)
     proc = run(TINY + ["--data-path", data, "--finetune", deit, "--output", str(tmp_path / "o"), "--batch-size", "4"],
                tmp_path, check=False)
-    assert proc.returncode != 0 and "layers.0.mixer.in_proj.weight" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"--finetune {deit} holds a DeiT at patch 16, 224 px (width 32, depth 2, 1000 classes)" in proc.stderr
+    assert "which does not fit the model asked for, adv_t at patch 4" in proc.stderr
 
 
 def test_three_augment_and_seeded_samples():
@@ -322,3 +327,10 @@ def test_readme_context_parallel_command_at_paper_size(tmp_path):
     assert results["val_images"] == 2 and results["args"]["recipe"] == "pretrain" and results["args"]["res"] == 448
     assert (results["run_state"]["world"], results["run_state"]["replicas"]) == (2, 1)
     assert np.isfinite(results["train_loss"])
+
+
+def test_a_run_folder_holds_one_run(tmp_path):
+    out = str(tmp_path / "run")
+    args = DEMO_DATA + ["--epochs", "1", "--output", out]
+    run(args, tmp_path)
+    check_one_run_per_folder("train.py", args, tmp_path, out, lr="0.01")

@@ -45,6 +45,21 @@ def test_committed_notebook_shows_its_outputs(name):
     text = "".join(o.get("text", "") for cell in code for o in cell.outputs if o.output_type == "stream")
     for spam in ("it/s]", "s/it]", "%|", "\x1b[A", "Average Precision  (AP) @["):   # tqdm, pycocotools
         assert spam not in text, f"{name} has progress-bar or evaluator output: {spam!r}"
+    for cell in code:   # one print in one piece (notebooks/execute.py merges them)
+        kinds = [o.get("name") if o.output_type == "stream" else None for o in cell.outputs]
+        assert not any(a is not None and a == b for a, b in zip(kinds, kinds[1:])), f"{name}: split prints"
+    small = re.findall(r"fontsize=([0-8])\b", "".join(cell.source for cell in code))
+    assert not small, f"{name} sets text in {small} pt: figures are read at 100 %, at 9 pt or more"
+
+
+@pytest.mark.parametrize("name", [n for n in NOTEBOOKS if n[:2].isdigit()])
+def test_main_notebook_quotes_the_paper_beside_the_code(name):
+    """Each main notebook sets the paper's sentences that it reproduces as a blockquote, and code follows."""
+    cells = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4).cells
+    quoted = [i for i, cell in enumerate(cells[:-1]) if cell.cell_type == "markdown"
+              and any(len(line[1:].split()) >= 10 for line in cell.source.splitlines() if line.startswith(">"))
+              and cells[i + 1].cell_type == "code"]
+    assert quoted, f"{name} quotes no sentence of the paper (a '>' line of 10 words or more) before a code cell"
 
 
 def test_patch_axes_tick_exactly_the_patch_sizes():

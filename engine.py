@@ -529,10 +529,15 @@ def differing_settings(recorded, settings):
             if k not in EXECUTION_SETTINGS and recorded.get(k, missing) != now.get(k, missing)}
 
 
-def check_same_run(script, settings, output, resume):
+def check_same_run(script, settings):
     """Stop with exit status 2, before anything in the run folder changes, when the run that would be
-    resumed (`resume`, else a results.json in `output`) was made with other result-deciding settings;
-    --no-resume instead starts over in the folder and says so."""
+    resumed (--resume's checkpoint, else the folder's, else its results.json) was made with other
+    result-deciding settings; --no-resume instead starts over in the folder and says so. --eval-only
+    trains nothing and writes its own eval.json: there is nothing to compare."""
+    if settings.eval_only:
+        return
+    output = settings.output
+    resume = resume_path(output, settings.resume, settings.no_resume)
     results = os.path.join(output, "results.json")
     if settings.no_resume:
         if os.path.exists(results) or os.path.exists(os.path.join(output, "checkpoint.pth")):

@@ -351,8 +351,7 @@ def main(cfg):
     if cfg.eval_results:
         os.makedirs(cfg.output, exist_ok=True)
         return score_results_file(cfg)
-    if not cfg.eval_only:   # before anything in the run folder changes
-        engine.check_same_run("eval_det.py", cfg, cfg.output, engine.resume_path(cfg.output, cfg.resume, cfg.no_resume))
+    engine.check_same_run("eval_det.py", cfg)   # before anything in the run folder changes
     os.makedirs(cfg.output, exist_ok=True)
     run = engine.context_parallel(engine.setup(cfg.amp), cfg.context_parallel, "eval_det.py")
     if cfg.demo:

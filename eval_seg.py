@@ -382,8 +382,7 @@ def validate(model, val_set, cfg, run):
 
 
 def main(cfg):
-    if not cfg.eval_only:   # before anything in the run folder changes
-        engine.check_same_run("eval_seg.py", cfg, cfg.output, engine.resume_path(cfg.output, cfg.resume, cfg.no_resume))
+    engine.check_same_run("eval_seg.py", cfg)   # before anything in the run folder changes
     run = engine.context_parallel(engine.setup(cfg.amp), cfg.context_parallel, "eval_seg.py")
     os.makedirs(cfg.output, exist_ok=True)
     if cfg.demo:

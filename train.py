@@ -587,8 +587,7 @@ def main(cfg):
     run = engine.setup(cfg.amp)
     if cfg.benchmark:
         return benchmark(cfg, run)
-    if not cfg.eval_only:   # before anything in the run folder changes
-        engine.check_same_run("train.py", cfg, cfg.output, engine.resume_path(cfg.output, cfg.resume, cfg.no_resume))
+    engine.check_same_run("train.py", cfg)   # before anything in the run folder changes
     engine.context_parallel(run, cfg.context_parallel, "train.py")
     if cfg.fsdp and not dist.is_initialized():
         raise SystemExit("--fsdp shards over processes: launch with torchrun")
